@@ -1,0 +1,49 @@
+# causalir: every target sets itself up. Override TORCH_SPEC for a GPU build, e.g.
+#   make reproduce TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128" PROFILE=full
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PROFILE    ?= quick
+SEED       ?= 0
+DEVICE     ?= auto
+NOTEBOOKS  ?= $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.causalir-installed
+
+.PHONY: setup reproduce test unit nbval notebooks lab bench clean strip
+
+setup: $(STAMP)
+
+# Idempotent: re-runs only when pyproject.toml or this Makefile changes.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q -e ".[notebooks,test]"
+	$(PY) -m ipykernel install --sys-prefix --name causalir --display-name "Python (causalir)" >/dev/null
+	touch $(STAMP)
+
+# The main job: every notebook through papermill, then the table of reproduced claims.
+reproduce: $(STAMP)
+	$(PY) -m causalir.cli reproduce --notebooks --profile $(PROFILE) --seed $(SEED) --device $(DEVICE)
+
+# Unit tests, the notebooks as smoke tests (nbval-lax), and the papermill quick run of every notebook.
+test: $(STAMP)
+	$(PY) -m pytest -q tests; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	$(PY) -m pytest -q -p no:python --nbval-lax --nbval-current-env notebooks; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	$(PY) -m causalir.cli reproduce --notebooks --profile quick --seed $(SEED) --device cpu --no-claims
+
+unit: $(STAMP)
+	$(PY) -m pytest -q tests; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+
+lab: $(STAMP)
+	$(VENV)/bin/jupyter lab notebooks/
+
+bench: $(STAMP)
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+strip: $(STAMP)
+	$(PY) -m pip install -q nbstripout
+	$(VENV)/bin/nbstripout --extra-keys "metadata.papermill cell.metadata.papermill cell.metadata.execution metadata.widgets" notebooks/*.ipynb
+
+clean:
+	rm -rf artifacts
