@@ -1,0 +1,487 @@
+"""The distortion zoo: counterfactual distortion augmentation on float batches (N,3,H,W) in [0,1].
+
+Every distortion is a small frozen dataclass called as ``d(images, generator=None)``. It runs on the batch's
+device, vectorised over the batch, and is deterministic given a ``torch.Generator`` (on the batch's device).
+A parameter given as a pair ``(lo, hi)`` is drawn per sample, uniformly in that range.
+``build(name, **params)`` makes one by name; ``names()`` lists them.
+"""
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Tuple, Union
+
+import kornia
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .registry import Registry
+from .utils import check_images
+
+Param = Union[float, Tuple[float, float]]
+REGISTRY: Registry["Distortion"] = Registry("distortion")
+
+
+def _check_param(name: str, p: Param, lo: float, hi: float) -> None:
+    vals = p if isinstance(p, (tuple, list)) else (p,)
+    if isinstance(p, (tuple, list)) and len(p) != 2:
+        raise ValueError(f"{name}: a range must be a pair (lo, hi), got {p!r}")
+    for v in vals:
+        if not isinstance(v, (int, float)) or not (lo <= float(v) <= hi):
+            raise ValueError(f"{name}: expected a number in [{lo}, {hi}] or a pair of them, got {p!r}")
+    if isinstance(p, (tuple, list)) and p[0] > p[1]:
+        raise ValueError(f"{name}: range must satisfy lo <= hi, got {p!r}")
+
+
+def draw(p: Param, n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
+    """Per-sample values (n,) for a scalar or a uniform range ``(lo, hi)``."""
+    if isinstance(p, (tuple, list)):
+        u = torch.rand(n, generator=generator, device=device)
+        return p[0] + (p[1] - p[0]) * u
+    return torch.full((n,), float(p), device=device)
+
+
+def _fmt(p: Param) -> str:
+    if isinstance(p, (tuple, list)):
+        return f"{p[0]:g}-{p[1]:g}"
+    return f"{p:g}"
+
+
+class Distortion:
+    """Base class: subclasses implement ``_apply(x, generator)`` on a validated batch."""
+
+    name: str = "distortion"
+
+    def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        check_images(images, f"{self.name} input")
+        if generator is not None and torch.device(generator.device).type != images.device.type:
+            raise ValueError(f"{self.name}: generator is on {generator.device} but images are on {images.device}; "
+                             "make the generator on the images' device")
+        with torch.no_grad():
+            return self._apply(images, generator).clamp_(0.0, 1.0)
+
+    def _apply(self, x: torch.Tensor, g: Optional[torch.Generator]) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    @property
+    def label(self) -> str:
+        return self.name
+
+
+# ----------------------------------------------------------------------------------------------- noise
+@REGISTRY.register("gaussian_noise")
+@dataclass(frozen=True)
+class GaussianNoise(Distortion):
+    """Additive white Gaussian noise, y = x + n, n ~ N(0, (sigma/255)^2); sigma on the 0-255 scale."""
+
+    sigma: Param = 15.0
+    clip: bool = True
+    name: str = field(default="gaussian_noise", init=False)
+
+    def __post_init__(self) -> None:
+        _check_param("gaussian_noise.sigma", self.sigma, 0, 255)
+
+    def _apply(self, x, g):
+        s = draw(self.sigma, x.shape[0], g, x.device).view(-1, 1, 1, 1) / 255.0
+        noise = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        return x + s * noise
+
+    @property
+    def label(self) -> str:
+        return f"noise σ={_fmt(self.sigma)}"
+
+
+def _peaks(h: int, w: int, device) -> torch.Tensor:
+    """MATLAB's peaks surface on [-3,3]^2, rescaled to [0,1]."""
+    yy, xx = torch.meshgrid(torch.linspace(-3, 3, h, device=device), torch.linspace(-3, 3, w, device=device),
+                            indexing="ij")
+    z = (3 * (1 - xx) ** 2 * torch.exp(-(xx**2) - (yy + 1) ** 2)
+         - 10 * (xx / 5 - xx**3 - yy**5) * torch.exp(-(xx**2) - yy**2)
+         - 1 / 3 * torch.exp(-((xx + 1) ** 2) - yy**2))
+    return (z - z.min()) / (z.max() - z.min())
+
+
+@REGISTRY.register("spatial_noise")
+@dataclass(frozen=True)
+class SpatialNoise(Distortion):
+    """Spatially variant Gaussian noise with a sigma map (Path-Restore): ``linear`` ramps from sigma_min
+    (left) to sigma_max (right); ``peaks`` follows MATLAB's peaks surface scaled to [sigma_min, sigma_max]."""
+
+    sigma_map: str = "linear"
+    sigma_min: float = 0.0
+    sigma_max: float = 50.0
+    name: str = field(default="spatial_noise", init=False)
+
+    def __post_init__(self) -> None:
+        if self.sigma_map not in ("linear", "peaks"):
+            raise ValueError(f"spatial_noise.sigma_map: expected 'linear' or 'peaks', got {self.sigma_map!r}")
+        _check_param("spatial_noise.sigma_min", self.sigma_min, 0, 255)
+        _check_param("spatial_noise.sigma_max", self.sigma_max, 0, 255)
+
+    def sigma(self, h: int, w: int, device=None) -> torch.Tensor:
+        """The (H, W) sigma map on the 0-255 scale."""
+        if self.sigma_map == "linear":
+            base = torch.linspace(0, 1, w, device=device).expand(h, w)
+        else:
+            base = _peaks(h, w, device)
+        return self.sigma_min + (self.sigma_max - self.sigma_min) * base
+
+    def _apply(self, x, g):
+        s = self.sigma(x.shape[-2], x.shape[-1], x.device).to(x.dtype) / 255.0
+        return x + s * torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+
+    @property
+    def label(self) -> str:
+        return f"{self.sigma_map} noise σ={self.sigma_min:g}-{self.sigma_max:g}"
+
+
+# ------------------------------------------------------------------------------------------------ blur
+def gaussian_kernels(sigma_x: torch.Tensor, sigma_y: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
+    """Batched anisotropic Gaussian kernels (n, size, size), k(u) ∝ exp(-u^T Σ^-1 u / 2),
+    Σ = R(θ) diag(σx², σy²) R(θ)^T, normalised to sum 1."""
+    r = (size - 1) / 2
+    ax = torch.arange(size, device=sigma_x.device, dtype=torch.float32) - r
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+    c, s = torch.cos(theta).view(-1, 1, 1), torch.sin(theta).view(-1, 1, 1)
+    u = c * xx + s * yy
+    v = -s * xx + c * yy
+    sx = sigma_x.clamp_min(1e-3).view(-1, 1, 1)
+    sy = sigma_y.clamp_min(1e-3).view(-1, 1, 1)
+    k = torch.exp(-0.5 * ((u / sx) ** 2 + (v / sy) ** 2))
+    return k / k.sum(dim=(-1, -2), keepdim=True)
+
+
+def filter_batch(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+    """Convolve each image with its own kernel (kornia.filters.filter2d, reflect borders)."""
+    return kornia.filters.filter2d(x, kernels.to(x.dtype), border_type="reflect")
+
+
+@REGISTRY.register("gaussian_blur")
+@dataclass(frozen=True)
+class GaussianBlur(Distortion):
+    """Gaussian blur y = k * x with a 21x21 kernel; isotropic (sigma) or anisotropic (sigma_y, theta)."""
+
+    sigma: Param = 2.0
+    sigma_y: Optional[Param] = None
+    theta: Param = 0.0
+    kernel_size: int = 21
+    name: str = field(default="gaussian_blur", init=False)
+
+    def __post_init__(self) -> None:
+        _check_param("gaussian_blur.sigma", self.sigma, 0.0, 50)
+        if self.sigma_y is not None:
+            _check_param("gaussian_blur.sigma_y", self.sigma_y, 0.0, 50)
+        _check_param("gaussian_blur.theta", self.theta, -2 * math.pi, 2 * math.pi)
+        if self.kernel_size % 2 != 1 or self.kernel_size < 3:
+            raise ValueError(f"gaussian_blur.kernel_size must be odd and >= 3, got {self.kernel_size}")
+
+    def kernels(self, n: int, g: Optional[torch.Generator], device) -> torch.Tensor:
+        sx = draw(self.sigma, n, g, device)
+        sy = sx if self.sigma_y is None else draw(self.sigma_y, n, g, device)
+        th = draw(self.theta, n, g, device)
+        return gaussian_kernels(sx, sy, th, self.kernel_size)
+
+    def _apply(self, x, g):
+        return filter_batch(x, self.kernels(x.shape[0], g, x.device))
+
+    @property
+    def label(self) -> str:
+        if self.sigma_y is None:
+            return f"blur σ={_fmt(self.sigma)}"
+        return f"blur σ=({_fmt(self.sigma)},{_fmt(self.sigma_y)}) θ={_fmt(self.theta)}"
+
+
+# ------------------------------------------------------------------------------------------------ jpeg
+@REGISTRY.register("jpeg")
+@dataclass(frozen=True)
+class JPEG(Distortion):
+    """JPEG compression with the real codec (Pillow), quality in [1, 95]; per image on the CPU."""
+
+    quality: Param = 30
+    name: str = field(default="jpeg", init=False)
+
+    def __post_init__(self) -> None:
+        _check_param("jpeg.quality", self.quality, 1, 100)
+
+    def _apply(self, x, g):
+        q = draw(self.quality, x.shape[0], g, x.device).round().int().tolist()
+        arr = (x.detach().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        out = []
+        for img, qi in zip(arr, q):
+            buf = io.BytesIO()
+            Image.fromarray(img).save(buf, format="JPEG", quality=int(qi))
+            buf.seek(0)
+            out.append(np.asarray(Image.open(buf).convert("RGB")))
+        y = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255.0
+        return y
+
+    @property
+    def label(self) -> str:
+        return f"JPEG q={_fmt(self.quality)}"
+
+
+# ------------------------------------------------------------------------------------------ downsample
+@REGISTRY.register("downsample")
+@dataclass(frozen=True)
+class Downsample(Distortion):
+    """Downscale by ``scale`` (bicubic/bilinear, antialiased) and, with keep_size, upscale back to the input
+    size with the same kernel (the pre-upsampled setting of restoration-as-SR)."""
+
+    scale: Param = 2.0
+    mode: str = "bicubic"
+    antialias: bool = True
+    keep_size: bool = True
+    name: str = field(default="downsample", init=False)
+
+    def __post_init__(self) -> None:
+        _check_param("downsample.scale", self.scale, 1.0, 16.0)
+        if self.mode not in ("bicubic", "bilinear"):
+            raise ValueError(f"downsample.mode: expected 'bicubic' or 'bilinear', got {self.mode!r}")
+
+    def _one(self, x: torch.Tensor, s: float) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        small = F.interpolate(x, size=(max(1, round(h / s)), max(1, round(w / s))), mode=self.mode,
+                              antialias=self.antialias, align_corners=False)
+        if not self.keep_size:
+            return small
+        return F.interpolate(small, size=(h, w), mode=self.mode, align_corners=False)
+
+    def _apply(self, x, g):
+        s = draw(self.scale, x.shape[0], g, x.device)
+        if not isinstance(self.scale, (tuple, list)):
+            return self._one(x, float(s[0]))
+        if not self.keep_size:
+            raise ValueError("downsample: a per-sample scale range needs keep_size=True (sizes would differ)")
+        return torch.cat([self._one(x[i:i + 1], float(si)) for i, si in enumerate(s.tolist())])
+
+    @property
+    def label(self) -> str:
+        return f"down ×{_fmt(self.scale)}"
+
+
+# ------------------------------------------------------------------------------------------------ rain
+def line_kernels(length: torch.Tensor, angle_deg: torch.Tensor, size: int) -> torch.Tensor:
+    """Batched motion-line kernels (n, size, size): a soft line of the given length through the centre."""
+    r = (size - 1) / 2
+    ax = torch.arange(size, device=length.device, dtype=torch.float32) - r
+    yy, xx = torch.meshgrid(ax, ax, indexing="ij")
+    a = torch.deg2rad(angle_deg).view(-1, 1, 1)
+    along = xx * torch.sin(a) + yy * torch.cos(a)
+    across = xx * torch.cos(a) - yy * torch.sin(a)
+    half = (length / 2).view(-1, 1, 1)
+    k = torch.exp(-(across**2) / (2 * 0.5**2)) * (along.abs() <= half).float()
+    return k / k.sum(dim=(-1, -2), keepdim=True).clamp_min(1e-8)
+
+
+@REGISTRY.register("rain")
+@dataclass(frozen=True)
+class Rain(Distortion):
+    """Synthetic rain streaks: sparse drops (Bernoulli ``density``) smeared by a line kernel of ``length`` px at
+    ``angle`` degrees from vertical; added with screen blending y = 1 - (1 - x)(1 - a * s)."""
+
+    density: Param = 0.02
+    length: Param = 15.0
+    angle: Param = 10.0
+    intensity: Param = 0.8
+    name: str = field(default="rain", init=False)
+
+    def __post_init__(self) -> None:
+        _check_param("rain.density", self.density, 0, 1)
+        _check_param("rain.length", self.length, 1, 41)
+        _check_param("rain.angle", self.angle, -90, 90)
+        _check_param("rain.intensity", self.intensity, 0, 1)
+
+    def streaks(self, n: int, h: int, w: int, g: Optional[torch.Generator], device) -> torch.Tensor:
+        """The streak layer s in [0,1], shape (n,1,h,w)."""
+        dens = draw(self.density, n, g, device).view(-1, 1, 1, 1)
+        drops = (torch.rand((n, 1, h, w), generator=g, device=device) < dens).float()
+        drops = drops * (0.5 + 0.5 * torch.rand((n, 1, h, w), generator=g, device=device))
+        length = draw(self.length, n, g, device)
+        k = line_kernels(length, draw(self.angle, n, g, device), 41)
+        s = filter_batch(drops, k) * length.view(-1, 1, 1, 1) / 3.0
+        return s.clamp(0, 1)
+
+    def _apply(self, x, g):
+        n, _, h, w = x.shape
+        s = self.streaks(n, h, w, g, x.device).to(x.dtype)
+        a = draw(self.intensity, n, g, x.device).view(-1, 1, 1, 1).to(x.dtype)
+        return 1 - (1 - x) * (1 - a * s)
+
+    @property
+    def label(self) -> str:
+        return f"rain ρ={_fmt(self.density)}"
+
+
+# ------------------------------------------------------------------------------------------------ haze
+@REGISTRY.register("haze")
+@dataclass(frozen=True)
+class Haze(Distortion):
+    """Atmospheric scattering I = J t + A (1 - t), t = exp(-beta d), with a synthetic smooth depth map d in [0,1]
+    (a vertical ramp, far at the top, plus low-frequency random relief)."""
+
+    beta: Param = 1.5
+    airlight: Param = 0.9
+    name: str = field(default="haze", init=False)
+
+    def __post_init__(self) -> None:
+        _check_param("haze.beta", self.beta, 0, 10)
+        _check_param("haze.airlight", self.airlight, 0, 1)
+
+    def depth(self, n: int, h: int, w: int, g: Optional[torch.Generator], device) -> torch.Tensor:
+        ramp = torch.linspace(1, 0, h, device=device).view(1, 1, h, 1).expand(n, 1, h, w)
+        relief = torch.rand((n, 1, 4, 4), generator=g, device=device)
+        relief = F.interpolate(relief, size=(h, w), mode="bicubic", align_corners=False)
+        return (0.7 * ramp + 0.3 * relief).clamp(0, 1)
+
+    def _apply(self, x, g):
+        n, _, h, w = x.shape
+        beta = draw(self.beta, n, g, x.device).view(-1, 1, 1, 1)
+        a = draw(self.airlight, n, g, x.device).view(-1, 1, 1, 1)
+        t = torch.exp(-beta * self.depth(n, h, w, g, x.device)).to(x.dtype)
+        return x * t + a.to(x.dtype) * (1 - t)
+
+    @property
+    def label(self) -> str:
+        return f"haze β={_fmt(self.beta)}"
+
+
+# ---------------------------------------------------------------------------------------------- compose
+@dataclass(frozen=True)
+class Compose(Distortion):
+    """Apply distortions in order (e.g. blur -> noise -> JPEG)."""
+
+    parts: Tuple[Distortion, ...] = ()
+    name: str = field(default="compose", init=False)
+
+    def __post_init__(self) -> None:
+        if not self.parts or not all(isinstance(p, Distortion) for p in self.parts):
+            raise ValueError("compose: expected a non-empty sequence of distortions")
+
+    def _apply(self, x, g):
+        for p in self.parts:
+            x = p._apply(x, g).clamp(0, 1)
+        return x
+
+    @property
+    def label(self) -> str:
+        return " → ".join(p.label for p in self.parts)
+
+
+@dataclass(frozen=True)
+class Identity(Distortion):
+    """No distortion (clean input)."""
+
+    name: str = field(default="identity", init=False)
+
+    def _apply(self, x, g):
+        return x.clone()
+
+    @property
+    def label(self) -> str:
+        return "clean"
+
+
+REGISTRY.register("identity")(Identity)
+
+
+def compose(parts: Sequence[Distortion]) -> Compose:
+    """Chain distortions: compose([blur, noise, jpeg])."""
+    return Compose(tuple(parts))
+
+
+REGISTRY.register("compose")(lambda parts: compose(parts))
+
+
+def build(name: str, **params) -> Distortion:
+    """Make a distortion by name, e.g. ``build('gaussian_noise', sigma=(5, 20))``."""
+    try:
+        return REGISTRY.build(name, **params)
+    except TypeError as e:
+        raise TypeError(f"bad parameters for distortion {name!r}: {e}") from None
+
+
+def names() -> list[str]:
+    """Registered distortion names."""
+    return REGISTRY.names()
+
+
+# ------------------------------------------------------------------------------------- distortion sets
+def apply_random(distortions: Sequence[Distortion], images: torch.Tensor,
+                 generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Give every sample one distortion drawn uniformly from ``distortions``; returns (distorted, index)."""
+    if not distortions:
+        raise ValueError("apply_random: expected at least one distortion")
+    n = images.shape[0]
+    idx = torch.randint(len(distortions), (n,), generator=generator, device=images.device)
+    out = torch.empty_like(images)
+    for k, d in enumerate(distortions):
+        sel = (idx == k).nonzero().flatten()
+        if sel.numel():
+            out[sel] = d(images[sel], generator)
+    return out, idx
+
+
+@dataclass(frozen=True)
+class DistortionSet:
+    """The distortions an experiment trains on (seen) and holds out (unseen)."""
+
+    name: str
+    seen: Tuple[Distortion, ...]
+    unseen: Tuple[Distortion, ...] = ()
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.seen:
+            raise ValueError(f"DistortionSet {self.name!r}: needs at least one seen distortion")
+
+    def sample(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Distort each sample with a seen distortion drawn uniformly (the ERM training distribution)."""
+        return apply_random(self.seen, images, generator)[0]
+
+    def all(self) -> dict[str, Distortion]:
+        """label -> distortion for every seen and unseen one (evaluation order)."""
+        return {d.label: d for d in (*self.seen, *self.unseen)}
+
+    def is_seen(self, label: str) -> bool:
+        return label in {d.label for d in self.seen}
+
+
+SETS: Registry[DistortionSet] = Registry("distortion set")
+
+
+@SETS.register("noise-dil")
+def _noise_dil() -> DistortionSet:
+    return DistortionSet(
+        "noise-dil",
+        seen=tuple(GaussianNoise(s) for s in (5.0, 10.0, 15.0, 20.0)),
+        unseen=tuple(GaussianNoise(s) for s in (30.0, 40.0, 50.0, 60.0, 70.0)),
+        description="DIL denoising: train on AWGN σ∈{5,10,15,20}; test also at unseen σ∈{30,...,70}.",
+    )
+
+
+@SETS.register("blur-dil")
+def _blur_dil() -> DistortionSet:
+    return DistortionSet(
+        "blur-dil",
+        seen=tuple(GaussianBlur(s) for s in (1.0, 2.0, 3.0, 3.8)),
+        unseen=tuple(GaussianBlur(s) for s in (4.2, 4.4, 4.6, 4.8, 5.0)),
+        description="DIL deblurring: seen blur σ below 4.0; unseen σ 4.2-5.0 (the paper's columns).",
+    )
+
+
+@SETS.register("types-dil")
+def _types_dil() -> DistortionSet:
+    return DistortionSet(
+        "types-dil",
+        seen=(GaussianNoise((5.0, 20.0)), GaussianBlur((0.5, 3.0)), JPEG((30, 70))),
+        unseen=(Rain(), Haze(), Compose((GaussianBlur(1.5), GaussianNoise(15.0), JPEG(50)))),
+        description="Unseen types: train on noise, blur and JPEG; test on rain, haze and a hybrid pipeline.",
+    )
+
+
+def distortion_set(name: str) -> DistortionSet:
+    """A registered experiment split by name (``noise-dil``, ``blur-dil``, ``types-dil``)."""
+    return SETS.build(name)

@@ -1,0 +1,360 @@
+"""ONE training loop for every strategy.
+
+The loop owns the device, the data stream, the randomness, validation, progress and checkpoints; a *strategy*
+owns the per-step logic (how batches become a parameter update) and its optimiser state. ERM ships here;
+DIL's strategies live in :mod:`causalir.dil`. Because the per-step logic sits in the strategy, the same loop can
+run under torchrun with the model wrapped in DistributedDataParallel without rewriting any strategy.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save
+from tqdm.auto import tqdm
+
+from .data import PatchSampler
+from .distortions import Distortion, apply_random
+from .metrics import psnr
+from .registry import Registry
+from .utils import PathLike, atomic_write_bytes, atomic_write_json, make_generator, resolve_device
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything the loop needs; strategies read their own hyper-parameters from their config."""
+
+    steps: int = 1000
+    batch_size: int = 16
+    patch_size: int = 64
+    lr: float = 2e-4
+    betas: tuple = (0.9, 0.999)
+    schedule: str = "cosine"        # cosine | step | constant
+    lr_min_ratio: float = 0.01      # cosine floor as a share of lr
+    lr_step_every: int = 0          # step schedule: halve every this many steps
+    loss: str = "l1"                # l1 | l2
+    grad_clip: float = 0.0
+    val_every: int = 0
+    ckpt_every: int = 0
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False              # autocast to bfloat16 (CUDA only; ignored elsewhere)
+    channels_last: bool = False     # NHWC memory format (CUDA only)
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("cosine", "step", "constant"):
+            raise ValueError(f"schedule: expected 'cosine', 'step' or 'constant', got {self.schedule!r}")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
+        if self.steps < 0 or self.batch_size < 1 or self.patch_size < 8:
+            raise ValueError("steps >= 0, batch_size >= 1 and patch_size >= 8 are required")
+
+
+LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss}
+
+
+@dataclass
+class Counters:
+    """Equal-budget accounting: images forwarded / backpropagated and distorted batches drawn."""
+
+    steps: int = 0
+    distorted_batches: int = 0
+    images_forwarded: int = 0
+    images_backpropagated: int = 0
+
+    def as_dict(self) -> Dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StepContext:
+    """What a strategy sees at each step."""
+
+    model: nn.Module
+    sample_clean: Callable[[], torch.Tensor]
+    distortions: Sequence[Distortion]
+    generator: torch.Generator
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    counters: Counters
+    cfg: TrainConfig
+
+    def distort(self, clean: torch.Tensor, distortion: Optional[Distortion] = None) -> torch.Tensor:
+        """Distort a clean batch with one distortion, or (None) a random seen one per sample; counts the batch."""
+        self.counters.distorted_batches += 1
+        if distortion is None:
+            return apply_random(self.distortions, clean, self.generator)[0]
+        return distortion(clean, self.generator)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last and x.is_cuda else x
+
+
+def make_optimizer(params, cfg: TrainConfig, lr: Optional[float] = None, betas: Optional[tuple] = None):
+    return torch.optim.Adam(params, lr=cfg.lr if lr is None else lr, betas=tuple(cfg.betas if betas is None else betas))
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig):
+    """cosine: lr -> lr*lr_min_ratio over cfg.steps; step: halve every lr_step_every; constant."""
+    if cfg.schedule == "cosine":
+        total = max(cfg.steps, 1)
+        f = lambda s: cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(s, total) / total))  # noqa: E731
+    elif cfg.schedule == "step" and cfg.lr_step_every:
+        f = lambda s: 0.5 ** (s // cfg.lr_step_every)  # noqa: E731
+    else:
+        f = lambda s: 1.0  # noqa: E731
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+class Strategy:
+    """Turns batches into a parameter update. Subclasses implement ``configure`` and ``step``."""
+
+    name = "base"
+
+    def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
+        raise NotImplementedError
+
+    def step(self, ctx: StepContext) -> Dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def describe(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+        return {"name": self.name, **d}
+
+
+STRATEGIES: Registry[Strategy] = Registry("strategy")
+# Modules that register further strategies; imported explicitly by build_strategy (no import magic).
+STRATEGY_MODULES = ("causalir.dil",)
+
+
+@STRATEGIES.register("erm")
+@dataclass
+class ERM(Strategy):
+    """Empirical risk minimisation: one batch, each sample distorted by a random seen distortion, one Adam step
+    on L(f_theta(I_d), I_c)."""
+
+    name: str = field(default="erm", init=False)
+
+    def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.opt = make_optimizer(model.parameters(), cfg)
+        self.sched = make_scheduler(self.opt, cfg)
+
+    def step(self, ctx: StepContext) -> Dict[str, float]:
+        clean = ctx.sample_clean()
+        noisy = ctx.prepare(ctx.distort(clean))
+        with ctx.autocast():
+            out = ctx.model(noisy)
+        loss = ctx.loss_fn(out.float(), clean)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if ctx.cfg.grad_clip:
+            nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        n = clean.shape[0]
+        ctx.counters.images_forwarded += n
+        ctx.counters.images_backpropagated += n
+        return {"loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0]}
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.sched.load_state_dict(state["sched"])
+
+
+def build_strategy(name: str, **kwargs: Any) -> Strategy:
+    """A strategy by name (``erm``, ``dil_pf``, ``dil_ps``, ``dil_sf``, ``dil_ss``, ``dil_sf_reference``...)."""
+    _import_strategy_modules()
+    return STRATEGIES.build(name, **kwargs)
+
+
+def _import_strategy_modules() -> None:
+    import importlib
+
+    for mod in STRATEGY_MODULES:
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:  # the module may not exist in a partial checkout
+            if e.name != mod:
+                raise
+
+
+def strategy_names() -> List[str]:
+    """Every registered strategy name."""
+    _import_strategy_modules()
+    return STRATEGIES.names()
+
+
+# -------------------------------------------------------------------------------------------- the loop
+@dataclass
+class TrainResult:
+    model: nn.Module
+    history: List[Dict[str, Any]]
+    counters: Counters
+    wall_time: float
+    run_dir: Optional[Path]
+
+
+def validate(model: nn.Module, val_images: Sequence[torch.Tensor], val_distortions: Mapping[str, Distortion],
+             seed: int = 1234, device: Optional[torch.device] = None) -> Dict[str, float]:
+    """Mean PSNR per distortion label on fixed, seeded distorted copies of the validation images."""
+    device = device or next(model.parameters()).device
+    was = model.training
+    model.eval()
+    out: Dict[str, float] = {}
+    with torch.no_grad():
+        for j, (label, d) in enumerate(val_distortions.items()):
+            vals = []
+            for i, img in enumerate(val_images):
+                x = img[None].to(device)
+                g = make_generator(seed + 1000 * j + i, device)
+                vals.append(psnr(model(d(x, g)).clamp(0, 1), x))
+            out[label] = float(sum(vals) / len(vals))
+    model.train(was)
+    return out
+
+
+def _autocast_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    if cfg.bf16 and device.type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def _config_record(model: nn.Module, strategy: Strategy, cfg: TrainConfig, distortions: Sequence[Distortion]) -> dict:
+    return {"model": getattr(model, "config", {"name": type(model).__name__}), "strategy": strategy.describe(),
+            "train": dataclasses.asdict(cfg), "distortions": [d.label for d in distortions]}
+
+
+def _comparable(rec: dict) -> dict:
+    rec = json.loads(json.dumps(rec, default=str))
+    for k in ("progress", "val_every", "ckpt_every", "steps", "device"):
+        rec["train"].pop(k, None)
+    rec["train"].pop("schedule_steps", None)
+    return rec
+
+
+def fit(model: nn.Module, strategy: Strategy, train_images: Sequence[torch.Tensor] | PatchSampler,
+        distortions: Sequence[Distortion], cfg: TrainConfig = TrainConfig(), *,
+        val_images: Optional[Sequence[torch.Tensor]] = None, val_distortions: Optional[Mapping[str, Distortion]] = None,
+        run_dir: Optional[PathLike] = None, resume: bool = True,
+        callback: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> TrainResult:
+    """Train ``model`` with ``strategy`` on patches of ``train_images`` distorted by the seen ``distortions``.
+
+    With ``run_dir``, checkpoints (``model.safetensors``, ``state.pt``, ``run.json``) are written atomically every
+    ``cfg.ckpt_every`` steps and at the end; a later call with ``resume=True`` continues exactly where it stopped
+    (same batches, same noise, same optimiser moments). An existing run with a different config is an error,
+    never silently overwritten.
+    """
+    if not distortions:
+        raise ValueError("fit: expected at least one seen distortion")
+    device = resolve_device(cfg.device)
+    model.to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    model.train()
+    sampler = train_images if isinstance(train_images, PatchSampler) else PatchSampler(
+        train_images, cfg.patch_size, cfg.batch_size, device)
+    if sampler.device != device:
+        raise ValueError(f"PatchSampler is on {sampler.device} but training runs on {device}")
+    gen = make_generator(cfg.seed, device)
+    strategy.configure(model, cfg)
+    counters = Counters()
+    history: List[Dict[str, Any]] = []
+    record = _config_record(model, strategy, cfg, distortions)
+    run_path = Path(run_dir) if run_dir is not None else None
+    if run_path is not None and (run_path / "run.json").exists():
+        saved = json.loads((run_path / "run.json").read_text())
+        if not resume:
+            raise FileExistsError(f"{run_path} already holds a run; pass resume=True to continue it or choose "
+                                  "another run_dir (nothing is overwritten silently)")
+        if _comparable(saved["config"]) != _comparable(record):
+            raise ValueError(f"{run_path} holds a run with a different configuration; choose another run_dir.\n"
+                             f"saved: {saved['config']}\nnow:   {record}")
+        _load_checkpoint(run_path, model, strategy, gen, counters)
+        history = saved.get("history", [])
+
+    ctx = StepContext(model, lambda: sampler.sample(gen), tuple(distortions), gen, LOSSES[cfg.loss],
+                      _autocast_factory(cfg, device), counters, cfg)
+    t0 = time.perf_counter()
+    elapsed0 = history[-1]["wall_time"] if history else 0.0
+    bar = tqdm(total=cfg.steps, initial=counters.steps, disable=not cfg.progress, desc=strategy.name, leave=False)
+    while counters.steps < cfg.steps:
+        stats = strategy.step(ctx)
+        counters.steps += 1
+        bar.update(1)
+        step = counters.steps
+        do_val = bool(val_images) and bool(val_distortions) and cfg.val_every and (step % cfg.val_every == 0
+                                                                                  or step == cfg.steps)
+        if do_val or step == cfg.steps or (cfg.ckpt_every and step % cfg.ckpt_every == 0):
+            entry: Dict[str, Any] = {"step": step, **stats, **counters.as_dict(),
+                                     "wall_time": elapsed0 + time.perf_counter() - t0}
+            if do_val:
+                entry["val_psnr"] = validate(model, val_images, val_distortions, device=device)
+            history.append(entry)
+            bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}")
+            if callback is not None:
+                callback(step, entry)
+        if run_path is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
+            _save_checkpoint(run_path, model, strategy, gen, counters, record, history)
+    bar.close()
+    wall = elapsed0 + time.perf_counter() - t0
+    model.eval()
+    return TrainResult(model, history, counters, wall, run_path)
+
+
+def _save_checkpoint(run: Path, model: nn.Module, strategy: Strategy, gen: torch.Generator, counters: Counters,
+                     record: dict, history: list) -> None:
+    import io
+
+    run.mkdir(parents=True, exist_ok=True)
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(run / "model.safetensors", save(weights))
+    buf = io.BytesIO()
+    torch.save({"strategy": strategy.state_dict(), "generator": gen.get_state(), "counters": counters.as_dict()}, buf)
+    atomic_write_bytes(run / "state.pt", buf.getvalue())
+    atomic_write_json(run / "run.json", {"config": record, "counters": counters.as_dict(), "history": history,
+                                         "torch": torch.__version__})
+
+
+def _load_checkpoint(run: Path, model: nn.Module, strategy: Strategy, gen: torch.Generator, counters: Counters) -> None:
+    from .models import load_state
+
+    load_state(model, run / "model.safetensors")
+    try:
+        state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run} has run.json but no state.pt: the checkpoint is incomplete") from None
+    except Exception as e:  # corrupt pickle
+        raise ValueError(f"could not read {run / 'state.pt'}: {e}") from None
+    strategy.load_state_dict(_to_device(state["strategy"], next(model.parameters()).device))
+    gen.set_state(state["generator"])
+    for k, v in state["counters"].items():
+        setattr(counters, k, int(v))
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device) if obj.dim() > 0 else obj
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_device(v, device) for v in obj]
+    return obj
