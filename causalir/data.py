@@ -49,7 +49,7 @@ def to_tensor(arr: np.ndarray) -> torch.Tensor:
     arr = arr[..., :3]
     if arr.dtype != np.uint8:
         raise TypeError(f"expected uint8 pixels, got {arr.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float() / 255.0
+    return torch.from_numpy(np.array(arr, copy=True)).permute(2, 0, 1).float() / 255.0
 
 
 def embedded_names(split: str = "train") -> List[str]:
@@ -274,8 +274,8 @@ class PatchSampler:
 
 
 def dihedral(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Apply one of the 8 flips/rotations per sample (t in 0..7: bit0 h-flip, bit1 transpose, bit2 v-flip)."""
+    """Apply one of the 8 flips/rotations per sample (t in 0..7: bit0 h-flip, bit1 v-flip, bit2 transpose)."""
     m = lambda b: ((t >> b) & 1).bool().view(-1, 1, 1, 1)  # noqa: E731
     x = torch.where(m(0), x.flip(-1), x)
-    x = torch.where(m(1), x.transpose(-1, -2), x)
-    return torch.where(m(2), x.flip(-2), x)
+    x = torch.where(m(1), x.flip(-2), x)
+    return torch.where(m(2), x.transpose(-1, -2), x)

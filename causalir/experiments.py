@@ -206,11 +206,14 @@ def train_restorer(strategy: str, recipe: RestorationRecipe, seen: Sequence[Any]
                      val_distortions=val_distortions, run_dir=run_dir)
 
 
-def erm_denoise(profile: str = "quick", seed: int = 0, device: str = "auto") -> Dict[str, Any]:
-    """ERM on seen noise σ∈{5,10,15,20}, evaluated at seen 15, 20 and unseen 30, 40, 50 (foundation claim)."""
+def erm_denoise(profile: str = "quick", seed: int = 0, device: str = "auto", **overrides: Any) -> Dict[str, Any]:
+    """ERM on seen noise σ∈{5,10,15,20}, evaluated at seen 15, 20 and unseen 30, 40, 50 (foundation claim).
+    ``overrides`` replace fields of the profile's :class:`RestorationRecipe` (e.g. steps=20 for a smoke test)."""
+    from dataclasses import replace
+
     from . import data, distortions, evaluate
 
-    recipe = ERM_PROFILES[profile]
+    recipe = replace(ERM_PROFILES[profile], **overrides)
     dset = distortions.distortion_set("noise-dil")
     levels = {d.label: d for d in (distortions.GaussianNoise(s) for s in (15.0, 20.0, 30.0, 40.0, 50.0))}
     test = data.embedded_images("test", max_side=recipe.eval_side)

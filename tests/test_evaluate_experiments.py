@@ -1,0 +1,49 @@
+import json
+
+import pytest
+import torch
+
+from causalir import distortions, evaluate, experiments, models
+
+
+def test_every_method_sees_identical_inputs():
+    imgs = [torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    levels = {d.label: d for d in (distortions.GaussianNoise(10), distortions.GaussianNoise(30))}
+    a = evaluate.distorted_inputs(imgs, levels, seed=5)
+    b = evaluate.distorted_inputs(imgs, levels, seed=5)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    df = evaluate.evaluate({"id": lambda x: x, "net": models.build("dncnn", preset="tiny")}, imgs, levels, seed=5,
+                           device="cpu")
+    assert len(df) == 3 * 2 * 2
+    ident = df[df.method == "id"].set_index(["distortion", "image"]).psnr
+    inp = df[df.method == "input"].set_index(["distortion", "image"]).psnr
+    assert (ident == inp).all()  # the identity restorer scores exactly the distorted input
+    s = evaluate.summarize(df)
+    assert list(s.columns) == ["noise σ=10", "noise σ=30"] and list(s.index) == ["input", "id", "net"]
+    assert s.loc["input", "noise σ=10"] > s.loc["input", "noise σ=30"]
+
+
+def test_claim_verdicts():
+    c = experiments.numeric_claim("x", 25.0, [24.5, 25.3, 25.1], tol=1.0)
+    assert c.verdict == "reproduced" and c.spread is not None
+    assert experiments.numeric_claim("x", 25.0, [22.0], tol=1.0).verdict == "not reproduced at this scale"
+    assert experiments.direction_claim("a>b", 2.0, [0.5, 0.1]).verdict == "reproduced"
+    assert experiments.direction_claim("a>b", 2.0, [0.5, -0.1]).verdict == "mixed across seeds"
+    assert experiments.direction_claim("a>b", 2.0, [-0.5]).verdict == "not reproduced at this scale"
+
+
+def test_erm_experiment_writes_results(tmp_path):
+    res = experiments.run("erm-denoise", "quick", 0, "cpu", out_dir=tmp_path, steps=4, eval_side=48)
+    rec = json.loads((tmp_path / "erm-denoise-quick.json").read_text())
+    assert rec["provenance"]["device"] == "cpu" and rec["config"]["recipe"]["steps"] == 4
+    assert len(rec["claims"]) == 4 and all(c["verdict"] for c in rec["claims"])
+    rows = experiments.collect_claims([tmp_path])
+    assert len(rows) == 4 and "| erm-denoise |" in experiments.claims_markdown(rows)
+    assert res["wall_time_s"] > 0
+
+
+def test_unknown_experiment_and_profile():
+    with pytest.raises(KeyError, match="valid names"):
+        experiments.run("dil-everything")
+    with pytest.raises(ValueError, match="valid profiles"):
+        experiments.run("erm-denoise", "huge")

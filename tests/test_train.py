@@ -1,0 +1,98 @@
+import json
+
+import pytest
+import torch
+
+from causalir import data, distortions, models, train
+
+IMGS = [data.center_crop(data.embedded_image(n), 64) for n in ("astronaut", "coffee")]
+SEEN = distortions.distortion_set("noise-dil").seen
+
+
+def _cfg(**kw):
+    base = dict(steps=6, batch_size=4, patch_size=16, lr=1e-3, seed=3, device="cpu", progress=False)
+    base.update(kw)
+    return train.TrainConfig(**base)
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return models.build("dncnn", preset="tiny")
+
+
+def _weights(m):
+    return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+
+def test_determinism_under_seed():
+    a = train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg())
+    b = train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg())
+    assert torch.equal(_weights(a.model), _weights(b.model))
+    c = train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(seed=4))
+    assert not torch.equal(_weights(a.model), _weights(c.model))
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=8, schedule="constant"))
+    run = tmp_path / "run"
+    train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=4, schedule="constant"), run_dir=run)
+    resumed = train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=8, schedule="constant"),
+                        run_dir=run)
+    assert torch.equal(_weights(straight.model), _weights(resumed.model))
+    assert resumed.counters.steps == 8 and resumed.counters.images_forwarded == 32
+    rec = json.loads((run / "run.json").read_text())
+    assert rec["counters"]["distorted_batches"] == 8
+
+
+def test_existing_run_is_not_overwritten(tmp_path):
+    run = tmp_path / "run"
+    train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=2), run_dir=run)
+    with pytest.raises(FileExistsError, match="already holds a run"):
+        train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=2), run_dir=run, resume=False)
+    with pytest.raises(ValueError, match="different configuration"):
+        train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=2, lr=5e-4), run_dir=run)
+    (run / "state.pt").write_bytes(b"corrupt")
+    with pytest.raises(ValueError, match="could not read"):
+        train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=3), run_dir=run)
+
+
+def test_erm_learns_and_validates():
+    torch.manual_seed(0)
+    m = models.build("dncnn", nf=16, depth=4)
+    val = {"noise σ=20": distortions.GaussianNoise(20)}
+    before = train.validate(m, [IMGS[0]], val)["noise σ=20"]
+    res = train.fit(m, train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=60, batch_size=8, patch_size=32,
+                    lr=2e-3, val_every=30), val_images=[IMGS[1]], val_distortions=val)
+    after = train.validate(res.model, [IMGS[0]], val)["noise σ=20"]
+    assert after > before + 1.0
+    assert [h["step"] for h in res.history if "val_psnr" in h] == [30, 60]
+
+
+def test_config_and_strategy_errors():
+    with pytest.raises(ValueError, match="schedule"):
+        train.TrainConfig(schedule="linear")
+    with pytest.raises(ValueError, match="loss"):
+        train.TrainConfig(loss="huber")
+    with pytest.raises(KeyError, match="valid names: .*erm"):
+        train.build_strategy("sgd")
+    with pytest.raises(ValueError, match="seen distortion"):
+        train.fit(_model(), train.build_strategy("erm"), IMGS, [], _cfg())
+
+
+def test_lr_schedules():
+    m = _model()
+    opt = train.make_optimizer(m.parameters(), _cfg(steps=10, lr=1.0, lr_min_ratio=0.1))
+    sch = train.make_scheduler(opt, _cfg(steps=10, lr=1.0, lr_min_ratio=0.1))
+    lrs = []
+    for _ in range(10):
+        opt.step()
+        sch.step()
+        lrs.append(sch.get_last_lr()[0])
+    assert abs(lrs[-1] - 0.1) < 1e-9 and all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_channels_last():
+    res = train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN,
+                    _cfg(device="cuda", bf16=True, channels_last=True))
+    assert next(res.model.parameters()).is_cuda
