@@ -485,3 +485,36 @@ def _types_dil() -> DistortionSet:
 def distortion_set(name: str) -> DistortionSet:
     """A registered experiment split by name (``noise-dil``, ``blur-dil``, ``types-dil``)."""
     return SETS.build(name)
+
+
+# ------------------------------------------------------------------------------ one knob per distortion
+# The parameter a "degree" slider moves for each type, with its range and a sensible default.
+DEGREES: dict[str, tuple[str, float, float, float]] = {
+    "gaussian_noise": ("sigma", 0.0, 75.0, 25.0),
+    "gaussian_blur": ("sigma", 0.2, 5.0, 2.0),
+    "jpeg": ("quality", 5.0, 95.0, 30.0),
+    "downsample": ("scale", 1.0, 4.0, 2.0),
+    "rain": ("density", 0.0, 0.08, 0.03),
+    "haze": ("beta", 0.0, 3.0, 1.5),
+    "spatial_noise": ("sigma_max", 0.0, 75.0, 50.0),
+}
+
+
+def with_degree(name: str, degree: float, **params) -> Distortion:
+    """The distortion ``name`` with its main knob (see ``DEGREES``) set to ``degree``."""
+    if name not in DEGREES:
+        raise KeyError(f"no degree knob for {name!r}; valid names: {', '.join(DEGREES)}")
+    knob, lo, hi, _ = DEGREES[name]
+    if not lo <= degree <= hi:
+        raise ValueError(f"{name}: degree ({knob}) must be in [{lo}, {hi}], got {degree}")
+    return build(name, **{knob: degree}, **params)
+
+
+def preview(image: torch.Tensor, name: str, degree: float, seed: int = 0) -> tuple[torch.Tensor, float, float]:
+    """Distort one (3,H,W) image at a degree and score it: returns (distorted, PSNR, SSIM) against the clean image."""
+    from .metrics import psnr, ssim
+
+    check_images(image, "image", batched=False)
+    g = torch.Generator(device=image.device).manual_seed(seed)
+    out = with_degree(name, degree)(image[None], g)[0]
+    return out, psnr(out, image), ssim(out, image)

@@ -108,3 +108,16 @@ def test_bad_inputs(images):
         D.GaussianNoise((30, 10))
     with pytest.raises(TypeError, match="bad parameters"):
         D.build("gaussian_noise", sigmaa=3)
+
+
+def test_degree_knobs_and_preview():
+    img = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
+    for name, (knob, lo, hi, default) in D.DEGREES.items():
+        out, p, s = D.preview(img, name, default)
+        assert out.shape == img.shape and 0 < s <= 1 and p > 0
+    # a heavier degree gives a lower PSNR for noise and blur
+    assert D.preview(img, "gaussian_noise", 10)[1] > D.preview(img, "gaussian_noise", 50)[1]
+    with pytest.raises(ValueError, match=r"must be in \[5.0, 95.0\]"):
+        D.with_degree("jpeg", 100)
+    with pytest.raises(KeyError, match="valid names"):
+        D.with_degree("compose", 1)

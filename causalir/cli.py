@@ -1,0 +1,205 @@
+"""The ``causalir`` command line: train, evaluate, distort, download, reproduce."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+from .paths import artifacts_dir, repo_root, results_dir
+
+
+def _kv(items: List[str]) -> dict:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise SystemExit(f"expected KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+        if isinstance(out[k], list):
+            out[k] = tuple(out[k])
+    return out
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from . import data, distortions, models, train
+
+    model = models.build(a.model, preset=a.preset, **_kv(a.model_cfg))
+    dset = distortions.distortion_set(a.distortion_set)
+    cfg = train.TrainConfig(steps=a.steps, batch_size=a.batch_size, patch_size=a.patch_size, lr=a.lr, seed=a.seed,
+                            device=a.device, bf16=a.bf16, channels_last=a.channels_last, val_every=a.val_every,
+                            ckpt_every=a.ckpt_every)
+    imgs = data.folder_images(a.train_folder) if a.train_folder else data.embedded_images("train")
+    val = data.embedded_images("val", max_side=256)
+    res = train.fit(model, train.build_strategy(a.strategy, **_kv(a.strategy_cfg)), imgs, dset.seen, cfg,
+                    val_images=val, val_distortions=dset.all(), run_dir=a.run_dir, resume=True)
+    print(json.dumps({"run_dir": str(a.run_dir), "counters": res.counters.as_dict(), "wall_time_s": res.wall_time,
+                      "last": res.history[-1] if res.history else None}, indent=1, default=str))
+    return 0
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from . import data, distortions, evaluate, models
+
+    run = Path(a.run_dir)
+    cfg = json.loads((run / "run.json").read_text())["config"]["model"] if (run / "run.json").exists() else None
+    if cfg is None:
+        raise SystemExit(f"{run} is not a training run (no run.json)")
+    cfg = dict(cfg)
+    model = models.build(cfg.pop("name"), **cfg)
+    models.load_state(model, run / "model.safetensors")
+    dset = distortions.distortion_set(a.distortion_set)
+    imgs = data.folder_images(a.folder, max_side=a.max_side) if a.folder else data.embedded_images("test", max_side=a.max_side)
+    df = evaluate.evaluate({run.name: model}, imgs, dset.all(), seed=a.seed, device=a.device)
+    print(evaluate.summarize(df).round(2).to_string())
+    if a.out:
+        df.to_csv(a.out, index=False)
+    return 0
+
+
+def cmd_distort(a: argparse.Namespace) -> int:
+    from . import data, distortions
+    from .utils import make_generator
+
+    d = distortions.build(a.name, **_kv(a.param))
+    img = data.load_image(a.input)[None]
+    out = d(img, make_generator(a.seed))
+    data.save_image(out[0], a.output, overwrite=a.overwrite)
+    print(f"{d.label}: {a.input} -> {a.output}")
+    return 0
+
+
+def cmd_download(a: argparse.Namespace) -> int:
+    from . import data
+
+    for n in a.names:
+        print(f"{n}: {data.download(n)}")
+    return 0
+
+
+def run_notebooks(profile: str, seed: int, device: str, only: Optional[List[str]] = None) -> List[dict]:
+    """Execute every notebook with papermill into artifacts/notebooks/; returns timings (raises on failure)."""
+    import papermill as pm
+
+    nb_dir = repo_root() / "notebooks"
+    out_dir = artifacts_dir() / "notebooks"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    books = sorted(nb_dir.glob("[0-9][0-9]_*.ipynb"))
+    if only:
+        books = [b for b in books if any(o in b.name for o in only)]
+    timings = []
+    for nb in books:
+        t0 = time.perf_counter()
+        print(f"[papermill] {nb.name} (PROFILE={profile}) ...", flush=True)
+        pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters={"PROFILE": profile, "SEED": seed,
+                            "DEVICE": device}, kernel_name="python3", cwd=str(nb_dir), progress_bar=False,
+                            execution_timeout=3600)
+        dt = time.perf_counter() - t0
+        timings.append({"notebook": nb.name, "seconds": round(dt, 1)})
+        print(f"[papermill] {nb.name} done in {dt:.1f} s", flush=True)
+    return timings
+
+
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    from . import experiments
+
+    timings = []
+    if a.notebooks:
+        timings = run_notebooks(a.profile, a.seed, a.device, a.only)
+    for name in a.names:
+        t0 = time.perf_counter()
+        res = experiments.run(name, a.profile, a.seed, a.device, commit=a.commit)
+        timings.append({"experiment": name, "seconds": round(time.perf_counter() - t0, 1), "file": res["_path"]})
+    if a.no_claims:
+        print(json.dumps(timings, indent=1))
+        return 0
+    rows = experiments.collect_claims([artifacts_dir() / "results", results_dir()])
+    table = experiments.claims_markdown(rows)
+    text = (f"# Reproduced claims\n\nThis run: profile={a.profile}, seed={a.seed}, device={a.device}. Rows from "
+            "`artifacts/results` were measured now; rows with profile `medium`/`full` come from the committed "
+            "result files in `data/results`.\n\n" + table + "\n\n## Wall times\n\n"
+            + "\n".join(f"- {t.get('notebook', t.get('experiment'))}: {t['seconds']} s" for t in timings) + "\n")
+    path = artifacts_dir() / "claims.md"
+    path.write_text(text)
+    print(text)
+    print(f"written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="causalir", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a restorer with a strategy on a distortion set")
+    t.add_argument("--model", default="rrdb", help="dncnn | rrdb | srresnet | swinir")
+    t.add_argument("--preset", default="small", help="paper | small | tiny")
+    t.add_argument("--model-cfg", nargs="*", default=[], metavar="KEY=VALUE", help="override model config")
+    t.add_argument("--strategy", default="erm", help="erm | dil_pf | dil_ps | dil_sf | dil_ss | dil_sf_reference")
+    t.add_argument("--strategy-cfg", nargs="*", default=[], metavar="KEY=VALUE")
+    t.add_argument("--distortion-set", default="noise-dil", help="noise-dil | blur-dil | types-dil")
+    t.add_argument("--train-folder", default=None, help="folder of training images (default: embedded photos)")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--batch-size", type=int, default=16)
+    t.add_argument("--patch-size", type=int, default=64)
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--device", default="auto")
+    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    t.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    t.add_argument("--val-every", type=int, default=250)
+    t.add_argument("--ckpt-every", type=int, default=500)
+    t.add_argument("--run-dir", required=True, type=Path, help="checkpoints go here; an existing run is resumed")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("evaluate", help="PSNR/SSIM table of a trained run on a distortion set")
+    e.add_argument("--run-dir", required=True, type=Path)
+    e.add_argument("--distortion-set", default="noise-dil")
+    e.add_argument("--folder", default=None, help="image folder (default: embedded test photos)")
+    e.add_argument("--max-side", type=int, default=512)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--out", default=None, help="write the per-image table as CSV")
+    e.set_defaults(fn=cmd_evaluate)
+
+    d = sub.add_parser("distort", help="apply a distortion to an image file")
+    d.add_argument("name", help="distortion name (see causalir.distortions.names())")
+    d.add_argument("input")
+    d.add_argument("output")
+    d.add_argument("--param", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. sigma=25 or sigma=[5,50]")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--overwrite", action="store_true")
+    d.set_defaults(fn=cmd_distort)
+
+    dl = sub.add_parser("download", help="download benchmark test sets (explicit, checksummed)")
+    dl.add_argument("names", nargs="+", help="CBSD68 Kodak24 McMaster Set5 Set14 Urban100 DIV2K")
+    dl.set_defaults(fn=cmd_download)
+
+    r = sub.add_parser("reproduce", help="run experiments and/or every notebook, then print the claims table")
+    r.add_argument("names", nargs="*", help="experiment names (see causalir.experiments.EXPERIMENTS)")
+    r.add_argument("--notebooks", action="store_true", help="execute every notebook with papermill")
+    r.add_argument("--only", nargs="*", default=None, help="with --notebooks: only notebooks whose name contains these")
+    r.add_argument("--profile", default="quick", help="quick | medium | full")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--device", default="auto")
+    r.add_argument("--commit", action="store_true", help="write results to data/results (committed) instead of artifacts/")
+    r.add_argument("--no-claims", action="store_true", help="skip the claims table")
+    r.set_defaults(fn=cmd_reproduce)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, ConnectionError, TypeError) as e:
+        print(f"causalir {args.cmd}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
