@@ -182,9 +182,9 @@ class RestorationRecipe:
 
 
 ERM_PROFILES: Dict[str, RestorationRecipe] = {
-    "quick": RestorationRecipe(steps=250, batch_size=8, patch_size=40, lr=1e-3, eval_side=128, seeds=1),
-    "medium": RestorationRecipe(model_cfg={"nf": 32, "nb": 1, "gc": 16}, steps=1500, batch_size=16, patch_size=48,
-                                lr=5e-4, val_every=250, eval_side=256, seeds=3),
+    "quick": RestorationRecipe(steps=300, batch_size=8, patch_size=32, lr=2e-3, eval_side=128, seeds=1),
+    "medium": RestorationRecipe(steps=1200, batch_size=16, patch_size=32, lr=2e-3, val_every=200, eval_side=256,
+                                seeds=3),
     "full": RestorationRecipe(model_cfg={"preset": "paper"}, steps=200_000, batch_size=32, patch_size=64, lr=1e-4,
                               val_every=5000, eval_side=512, seeds=3),
 }
