@@ -4,6 +4,7 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 PROFILE    ?= quick
+JOBS       ?= 2
 SEED       ?= 0
 DEVICE     ?= auto
 NOTEBOOKS  ?= $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
@@ -24,13 +25,13 @@ $(STAMP): pyproject.toml Makefile
 
 # The main job: every notebook through papermill, then the table of reproduced claims.
 reproduce: $(STAMP)
-	$(PY) -m causalir.cli reproduce --notebooks --profile $(PROFILE) --seed $(SEED) --device $(DEVICE)
+	$(PY) -m causalir.cli reproduce --notebooks --jobs $(JOBS) --profile $(PROFILE) --seed $(SEED) --device $(DEVICE)
 
 # Unit tests, the notebooks as smoke tests (nbval-lax), and the papermill quick run of every notebook.
 test: $(STAMP)
-	$(PY) -m pytest -q tests; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
-	$(PY) -m pytest -q -p no:python --nbval-lax --nbval-current-env notebooks; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
-	$(PY) -m causalir.cli reproduce --notebooks --profile quick --seed $(SEED) --device cpu --no-claims
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --durations=15 tests; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) -p no:python --nbval-lax --nbval-current-env --durations=0 notebooks; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	$(PY) -m causalir.cli reproduce --notebooks --jobs $(JOBS) --profile quick --seed $(SEED) --device cpu --no-claims
 
 unit: $(STAMP)
 	$(PY) -m pytest -q tests; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5

@@ -82,9 +82,12 @@ def cmd_download(a: argparse.Namespace) -> int:
     return 0
 
 
-def run_notebooks(profile: str, seed: int, device: str, only: Optional[List[str]] = None) -> List[dict]:
-    """Execute every notebook with papermill into artifacts/notebooks/; returns timings (raises on failure)."""
-    import papermill as pm
+def run_notebooks(profile: str, seed: int, device: str, only: Optional[List[str]] = None, jobs: int = 1) -> List[dict]:
+    """Execute every notebook with papermill into artifacts/notebooks/ (``jobs`` at a time, each in its own
+    process; with jobs > 1 each kernel gets one thread). Raises when any notebook fails."""
+    import os
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
 
     nb_dir = repo_root() / "notebooks"
     out_dir = artifacts_dir() / "notebooks"
@@ -92,16 +95,27 @@ def run_notebooks(profile: str, seed: int, device: str, only: Optional[List[str]
     books = sorted(nb_dir.glob("[0-9][0-9]_*.ipynb"))
     if only:
         books = [b for b in books if any(o in b.name for o in only)]
-    timings = []
-    for nb in books:
+    env = dict(os.environ)
+    if jobs > 1:
+        env.setdefault("OMP_NUM_THREADS", "1")
+
+    def one(nb: Path) -> dict:
         t0 = time.perf_counter()
-        print(f"[papermill] {nb.name} (PROFILE={profile}) ...", flush=True)
-        pm.execute_notebook(str(nb), str(out_dir / nb.name), parameters={"PROFILE": profile, "SEED": seed,
-                            "DEVICE": device}, kernel_name="python3", cwd=str(nb_dir), progress_bar=False,
-                            execution_timeout=3600)
+        cmd = [sys.executable, "-m", "papermill", str(nb), str(out_dir / nb.name), "-k", "python3", "--cwd",
+               str(nb_dir), "-p", "PROFILE", profile, "-p", "SEED", str(seed), "-p", "DEVICE", device,
+               "--no-progress-bar", "--execution-timeout", "3600"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         dt = time.perf_counter() - t0
-        timings.append({"notebook": nb.name, "seconds": round(dt, 1)})
-        print(f"[papermill] {nb.name} done in {dt:.1f} s", flush=True)
+        print(f"[papermill] {nb.name}: {'ok' if proc.returncode == 0 else 'FAILED'} in {dt:.1f} s", flush=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:], file=sys.stderr)
+        return {"notebook": nb.name, "seconds": round(dt, 1), "ok": proc.returncode == 0}
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        timings = list(pool.map(one, books))
+    failed = [t["notebook"] for t in timings if not t["ok"]]
+    if failed:
+        raise RuntimeError(f"notebooks failed: {', '.join(failed)} (executed copies in {out_dir})")
     return timings
 
 
@@ -110,7 +124,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
 
     timings = []
     if a.notebooks:
-        timings = run_notebooks(a.profile, a.seed, a.device, a.only)
+        timings = run_notebooks(a.profile, a.seed, a.device, a.only, a.jobs)
     for name in a.names:
         t0 = time.perf_counter()
         res = experiments.run(name, a.profile, a.seed, a.device, commit=a.commit)
@@ -183,6 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("names", nargs="*", help="experiment names (see causalir.experiments.EXPERIMENTS)")
     r.add_argument("--notebooks", action="store_true", help="execute every notebook with papermill")
     r.add_argument("--only", nargs="*", default=None, help="with --notebooks: only notebooks whose name contains these")
+    r.add_argument("--jobs", type=int, default=1, help="with --notebooks: notebooks run at once (1 thread each)")
     r.add_argument("--profile", default="quick", help="quick | medium | full")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto")
@@ -196,7 +211,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError, ConnectionError, TypeError) as e:
+    except (KeyError, ValueError, FileNotFoundError, FileExistsError, ConnectionError, TypeError, RuntimeError) as e:
         print(f"causalir {args.cmd}: error: {e}", file=sys.stderr)
         return 2
 
