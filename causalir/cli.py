@@ -49,7 +49,7 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     run = Path(a.run_dir)
     cfg = json.loads((run / "run.json").read_text())["config"]["model"] if (run / "run.json").exists() else None
     if cfg is None:
-        raise SystemExit(f"{run} is not a training run (no run.json)")
+        raise FileNotFoundError(f"{run} is not a training run (no run.json); train one with `causalir train`")
     cfg = dict(cfg)
     model = models.build(cfg.pop("name"), **cfg)
     models.load_state(model, run / "model.safetensors")
