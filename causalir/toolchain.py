@@ -1,0 +1,505 @@
+"""RL-Restore (Yu et al., CVPR'18): mixed distortions, a toolbox of 12 small CNNs and a Gymnasium environment
+in which an agent crafts a toolchain (at most 3 tools, or STOP) for one 63x63 patch.
+
+* Distortions (reference ``generate_train.m``): Gaussian blur -> Gaussian noise -> JPEG, each on a 10-interval grid.
+  A level triple (k, m, n) in 1..10 belongs to mild / moderate / severe when k+m+n-2 lies in [9,11] / [12,17] /
+  [18,20]; a triple is drawn uniformly among the admissible ones, then each value uniformly inside its interval.
+* Tools: deblur / denoise / de-JPEG in 4 bands each; bands 1-2 are the small 3-layer CNN (21,827 params), bands 3-4
+  the larger 8-conv residual CNN (50,851 params); every tool predicts a global residual, y = x + f(x).
+* Environment: observation = current image + one-hot of the previous tool, actions = 12 tools + STOP, reward
+  r_t = PSNR(x_t, gt) - PSNR(x_{t-1}, gt) (dB), at most 3 steps. Registered as ``causalir/Toolchain-v0``.
+
+The agent and deep Q-learning live in :mod:`causalir.rl`; the experiment function is at the end of this module.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import distortions as dz
+from .data import PatchSampler
+from .utils import check_images, make_generator
+
+# ------------------------------------------------------------------------------------------- distortions
+BLUR_GRID = tuple(0.5 * i for i in range(11))                 # sigma_b, 0:0.5:5
+NOISE_GRID = tuple(5.0 * i for i in range(11))                # sigma_n on the 0-255 scale, 0:5:50
+JPEG_GRID = (100, 80, 60, 50, 40, 35, 30, 25, 20, 15, 10)     # quality, decreasing with the level
+SEVERITIES: Dict[str, Tuple[int, int]] = {"mild": (9, 11), "moderate": (12, 17), "severe": (18, 20)}
+PATCH = 63
+BLUR_MARGIN = 10   # half of the 21x21 kernel: patches are distorted with context, then cropped
+
+
+def check_severity(severity: str) -> str:
+    if severity not in SEVERITIES:
+        raise ValueError(f"unknown severity {severity!r}; valid: {', '.join(SEVERITIES)}")
+    return severity
+
+
+def level_triples(severity: str) -> torch.Tensor:
+    """All admissible (k, m, n) in 1..10 with k+m+n-2 in the severity's range, shape (T, 3)."""
+    lo, hi = SEVERITIES[check_severity(severity)]
+    r = torch.arange(1, 11)
+    k, m, n = torch.meshgrid(r, r, r, indexing="ij")
+    s = k + m + n - 2
+    keep = (s >= lo) & (s <= hi)
+    return torch.stack([k[keep], m[keep], n[keep]], 1)
+
+
+def sample_mixed_params(n: int, severity: str, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+    """Per-sample (sigma_b, sigma_n, quality): a uniform admissible level triple, then uniform within the intervals."""
+    tri = level_triples(severity)
+    rows = tri[torch.randint(len(tri), (n,), generator=generator)]
+    u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
+    bg, ng, jg = (torch.tensor(g, dtype=torch.float64) for g in (BLUR_GRID, NOISE_GRID, JPEG_GRID))
+    k, m, q = rows[:, 0], rows[:, 1], rows[:, 2]
+    sb = bg[k - 1] + u[:, 0] * (bg[k] - bg[k - 1])
+    sn = ng[m - 1] + u[:, 1] * (ng[m] - ng[m - 1])
+    jq = jg[q - 1] + u[:, 2] * (jg[q] - jg[q - 1])
+    return {"blur": sb.float(), "noise": sn.float(), "quality": jq.float(), "levels": rows}
+
+
+def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Per-sample isotropic Gaussian blur, 21x21 kernel (the zoo's ``gaussian_kernels`` / ``filter_batch``)."""
+    s = sigma.to(x.device, torch.float32)
+    k = dz.gaussian_kernels(s, s, torch.zeros_like(s), 21)
+    return dz.filter_batch(x, k)
+
+
+def add_noise(x: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """y = clip(x + sigma/255 * n), n ~ N(0, 1) (as the zoo's GaussianNoise, with a per-sample sigma)."""
+    n = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return (x + sigma.to(x.device, x.dtype).view(-1, 1, 1, 1) / 255.0 * n).clamp(0, 1)
+
+
+def jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
+    """Real JPEG (the zoo's Pillow codec) with a per-sample quality; samples with equal rounded quality share a call."""
+    q = quality.round().clamp(1, 100).int()
+    out = torch.empty_like(x)
+    for qi in torch.unique(q).tolist():
+        sel = (q == qi).nonzero().flatten()
+        out[sel.to(x.device)] = dz.JPEG(float(qi))(x[sel.to(x.device)])
+    return out
+
+
+def apply_mixed(x: torch.Tensor, params: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None,
+                order: Sequence[str] = ("blur", "noise", "quality")) -> torch.Tensor:
+    """Blur, then noise, then JPEG (reference order), each with the sample's own parameter."""
+    check_images(x, "apply_mixed input")
+    with torch.no_grad():
+        for part in order:
+            if part == "blur":
+                x = blur(x, params["blur"]).clamp(0, 1)
+            elif part == "noise":
+                x = add_noise(x, params["noise"], generator)
+            elif part == "quality":
+                x = jpeg(x, params["quality"])
+            else:
+                raise ValueError(f"unknown distortion part {part!r}; valid: blur, noise, quality")
+    return x
+
+
+@dataclass(frozen=True)
+class MixedDistortion(dz.Distortion):
+    """RL-Restore's mixed distortion at a severity (mild / moderate / severe); usable wherever a zoo distortion is."""
+
+    severity: str = "moderate"
+    name: str = field(default="mixed", init=False)
+
+    def __post_init__(self) -> None:
+        check_severity(self.severity)
+
+    def _apply(self, x, g):
+        gcpu = None
+        if g is not None:
+            gcpu = torch.Generator().manual_seed(int(torch.randint(2**62, (1,), generator=g, device=g.device)))
+        return apply_mixed(x, sample_mixed_params(x.shape[0], self.severity, gcpu), g)
+
+    @property
+    def label(self) -> str:
+        return f"mixed {self.severity}"
+
+
+def make_patches(images: Sequence[torch.Tensor], n: int, severity: str, seed: int, patch: int = PATCH,
+                 device: str | torch.device = "cpu", crop_seed: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(clean, distorted) float patches (n,3,p,p): crops of size p + 2*margin are distorted, then centre-cropped,
+    so blur sees real image context instead of a padded border. ``crop_seed`` (default ``seed``) fixes the crops,
+    so several severities can share the same clean patches."""
+    g = make_generator(seed)
+    gc = make_generator(seed if crop_seed is None else crop_seed)
+    big = PatchSampler(images, patch + 2 * BLUR_MARGIN, n, "cpu").sample(gc)
+    dist = apply_mixed(big, sample_mixed_params(n, severity, g), g)
+    c = slice(BLUR_MARGIN, BLUR_MARGIN + patch)
+    return big[..., c, c].contiguous().to(device), dist[..., c, c].contiguous().to(device)
+
+
+# ----------------------------------------------------------------------------------------------- tools
+@dataclass(frozen=True)
+class ToolSpec:
+    """One tool: the distortion it removes, its band (a parameter range) and its architecture."""
+
+    index: int
+    kind: str                       # deblur | denoise | dejpeg
+    band: Tuple[float, float]       # sigma_b, sigma_n (0-255) or JPEG quality range
+    arch: str                       # small | large
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}-{self.index % 4 + 1}"
+
+
+TOOL_SPECS: Tuple[ToolSpec, ...] = tuple(
+    ToolSpec(4 * t + b, kind, band, "small" if b < 2 else "large")
+    for t, (kind, bands) in enumerate((
+        ("deblur", ((0.0, 1.25), (1.25, 2.5), (2.5, 3.75), (3.75, 5.0))),
+        ("denoise", ((0.0, 12.5), (12.5, 25.0), (25.0, 37.5), (37.5, 50.0))),
+        ("dejpeg", ((60.0, 100.0), (35.0, 60.0), (20.0, 35.0), (10.0, 20.0))),
+    )) for b, band in enumerate(bands))
+N_TOOLS = len(TOOL_SPECS)
+STOP = N_TOOLS                       # action 12
+N_ACTIONS = N_TOOLS + 1
+ACTION_NAMES = tuple(s.name for s in TOOL_SPECS) + ("STOP",)
+
+
+class SmallTool(nn.Module):
+    """conv 9x9 3->c1, ReLU, conv 5x5 c1->c2, ReLU, conv 5x5 c2->3; y = x + f(x). Reference widths (32, 16)."""
+
+    def __init__(self, c1: int = 32, c2: int = 16) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, c1, 9, padding=4), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(inplace=True),
+                                  nn.Conv2d(c2, 3, 5, padding=2))
+        self.body[-1].weight.data.mul_(0.1)
+        self.body[-1].bias.data.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class LargeTool(nn.Module):
+    """8 convs: 5x5 3->c1, ReLU, 1x1 c1->c2 (= s), two units t <- s + conv3(ReLU(conv3(ReLU(t)))), 1x1 c2->c1,
+    ReLU, 5x5 c1->3; y = x + f(x). Reference widths (64, 32)."""
+
+    def __init__(self, c1: int = 64, c2: int = 32, units: int = 2) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Conv2d(3, c1, 5, padding=2), nn.ReLU(inplace=True), nn.Conv2d(c1, c2, 1))
+        self.units = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(inplace=True),
+                                                 nn.Conv2d(c2, c2, 3, padding=1)) for _ in range(units))
+        self.tail = nn.Sequential(nn.Conv2d(c2, c1, 1), nn.ReLU(inplace=True), nn.Conv2d(c1, 3, 5, padding=2))
+        self.tail[-1].weight.data.mul_(0.1)
+        self.tail[-1].bias.data.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.head(x)
+        t = s
+        for u in self.units:
+            t = s + u(t)
+        return x + self.tail(t)
+
+
+@dataclass(frozen=True)
+class ToolboxConfig:
+    """Tool widths: the reference is small=(32,16), large=(64,32); ``tiny`` widths make CI fast."""
+
+    small: Tuple[int, int] = (32, 16)
+    large: Tuple[int, int] = (64, 32)
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """Round to 8 bits, as a saved image would be."""
+    return (x.clamp(0, 1) * 255).round() / 255
+
+
+class Toolbox(nn.Module):
+    """The 12 tools. ``apply(actions, x)`` runs each sample's tool (action 12 = STOP = identity), batched per tool,
+    and returns images clipped to [0, 1]."""
+
+    def __init__(self, cfg: ToolboxConfig = ToolboxConfig()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tools = nn.ModuleList(SmallTool(*cfg.small) if s.arch == "small" else LargeTool(*cfg.large)
+                                   for s in TOOL_SPECS)
+
+    def forward(self, x: torch.Tensor, tool: int) -> torch.Tensor:
+        return self.tools[tool](x)
+
+    def apply(self, actions: torch.Tensor | int | Sequence[int], x: torch.Tensor) -> torch.Tensor:
+        check_images(x, "Toolbox.apply images")
+        a = torch.as_tensor(actions, device=x.device).long().flatten()
+        if a.numel() == 1 and x.shape[0] != 1:
+            a = a.expand(x.shape[0])
+        if a.numel() != x.shape[0]:
+            raise ValueError(f"Toolbox.apply: expected one action per image ({x.shape[0]}), got {a.numel()}")
+        if a.numel() and (int(a.min()) < 0 or int(a.max()) > STOP):
+            raise ValueError(f"Toolbox.apply: actions must be in 0..{STOP} (12 tools + STOP), got {a.tolist()}")
+        out = x.clone()
+        with torch.no_grad():
+            for t in torch.unique(a).tolist():
+                if t == STOP:
+                    continue
+                sel = (a == t).nonzero().flatten()
+                out[sel] = self.tools[t](x[sel]).clamp(0, 1)
+        return out
+
+    def macs(self, patch: int = PATCH) -> List[int]:
+        """Multiply-accumulates of each tool on one patch (models.count_flops / 2)."""
+        from .models import count_flops
+
+        return [count_flops(t, (1, 3, patch, patch)) // 2 for t in self.tools]
+
+    def params(self) -> List[int]:
+        return [sum(p.numel() for p in t.parameters()) for t in self.tools]
+
+
+def tool_distortion(spec: ToolSpec, x: torch.Tensor, g: torch.Generator, extra: float = 0.5) -> torch.Tensor:
+    """The tool's own distortion, drawn uniformly in its band; with probability ``extra`` a slight extra
+    noise (sigma<=2) + JPEG (Q>=90) for robustness (the paper mentions it without magnitudes)."""
+    n = x.shape[0]
+    lo, hi = spec.band
+    v = lo + (hi - lo) * torch.rand(n, generator=g)
+    if spec.kind == "deblur":
+        y = blur(x, v).clamp(0, 1)
+    elif spec.kind == "denoise":
+        y = add_noise(x, v, g)
+    else:
+        y = jpeg(x, v)
+    if extra > 0:
+        sel = (torch.rand(n, generator=g) < extra).nonzero().flatten()
+        if sel.numel():
+            ys = add_noise(y[sel], 2.0 * torch.rand(sel.numel(), generator=g), g)
+            y[sel] = jpeg(ys, 90 + 10 * torch.rand(sel.numel(), generator=g))
+    return y
+
+
+@dataclass(frozen=True)
+class ToolTrainConfig:
+    """Per-tool training: a precomputed paired set of ``n_data`` crops, MSE, Adam, cosine schedule."""
+
+    steps: int = 100
+    batch_size: int = 16
+    patch_size: int = 32
+    n_data: int = 512
+    lr: float = 1e-3
+    extra: float = 0.5
+
+
+def paired_set(images: Sequence[torch.Tensor], spec_or_severity, n: int, patch: int, seed: int,
+               extra: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(clean, distorted) training crops for a tool (a ToolSpec) or for the mixed data (a severity name)."""
+    g = make_generator(seed)
+    big = PatchSampler(images, patch + 2 * BLUR_MARGIN, n, "cpu").sample(g)
+    if isinstance(spec_or_severity, ToolSpec):
+        dist = tool_distortion(spec_or_severity, big, g, extra)
+    else:
+        dist = apply_mixed(big, sample_mixed_params(n, spec_or_severity, g), g)
+    c = slice(BLUR_MARGIN, BLUR_MARGIN + patch)
+    return big[..., c, c].contiguous(), dist[..., c, c].contiguous()
+
+
+def fit_paired(model: nn.Module, clean: torch.Tensor, dist: torch.Tensor, cfg: ToolTrainConfig, seed: int,
+               device: str | torch.device = "cpu"):
+    """Train on a fixed paired set through causalir.train.fit (MSE, Adam, cosine), the suite's one loop."""
+    from . import train
+
+    strat = PairedMSE(clean, dist)
+    tcfg = train.TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, patch_size=max(8, clean.shape[-1]),
+                             lr=cfg.lr, loss="l2", seed=seed, device=str(device), progress=False)
+    sampler = PatchSampler([clean[0]], clean.shape[-1], 1, device, augment=False)
+    return train.fit(model, strat, sampler, [dz.Identity()], tcfg)
+
+
+def _register_paired_strategy():
+    from .train import STRATEGIES, Strategy, make_optimizer, make_scheduler
+
+    class _PairedMSE(Strategy):
+        """Minibatches from a fixed paired set (precomputed distortions, e.g. JPEG encoded once), one Adam step on
+        the MSE ||f(y) - x||^2 per batch."""
+
+        name = "paired_mse"
+
+        def __init__(self, clean: torch.Tensor, dist: torch.Tensor) -> None:
+            if clean.shape != dist.shape:
+                raise ValueError(f"paired_mse: clean {tuple(clean.shape)} and distorted {tuple(dist.shape)} differ")
+            self.clean, self.dist = clean, dist
+
+        def configure(self, model, cfg):
+            self.opt = make_optimizer(model.parameters(), cfg)
+            self.sched = make_scheduler(self.opt, cfg)
+
+        def step(self, ctx):
+            dev = next(ctx.model.parameters()).device
+            idx = torch.randint(len(self.clean), (ctx.cfg.batch_size,), generator=ctx.generator,
+                                device=ctx.generator.device).cpu()
+            x, y = self.clean[idx].to(dev), self.dist[idx].to(dev)
+            t = torch.randint(8, (len(idx),), generator=ctx.generator, device=ctx.generator.device).to(dev)
+            from .data import dihedral
+
+            x, y = dihedral(x, t), dihedral(y, t)
+            loss = ctx.loss_fn(ctx.model(y), x)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            self.sched.step()
+            ctx.counters.images_forwarded += len(idx)
+            ctx.counters.images_backpropagated += len(idx)
+            return {"loss": float(loss.detach())}
+
+        def describe(self):
+            return {"name": self.name, "n": len(self.clean)}
+
+    if "paired_mse" not in STRATEGIES.names():
+        STRATEGIES.register("paired_mse")(_PairedMSE)
+    return _PairedMSE
+
+
+PairedMSE = _register_paired_strategy()
+
+
+class _ToolView(nn.Module):
+    def __init__(self, box: Toolbox, i: int) -> None:
+        super().__init__()
+        self.tool = box.tools[i]
+
+    def forward(self, x):
+        return self.tool(x)
+
+
+def train_toolbox(box: Toolbox, images: Sequence[torch.Tensor], cfg: ToolTrainConfig, seed: int = 0,
+                  device: str | torch.device = "cpu") -> List[Dict[str, Any]]:
+    """Train each of the 12 tools on its own band (independently, as in the paper). Returns per-tool records."""
+    recs = []
+    for spec in TOOL_SPECS:
+        clean, dist = paired_set(images, spec, cfg.n_data, cfg.patch_size, seed * 1000 + spec.index, cfg.extra)
+        res = fit_paired(box.tools[spec.index], clean, dist, cfg, seed * 1000 + spec.index, device)
+        recs.append({"tool": spec.name, "final_loss": res.history[-1]["loss"], "wall_time": round(res.wall_time, 2)})
+    box.eval()
+    return recs
+
+
+# --------------------------------------------------------------------------------------------- metrics
+def patch_psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-sample PSNR (dB) of images in [0,1]: 10 log10(1 / (MSE + 1e-10)) (the reference reward's PSNR)."""
+    if x.shape != y.shape:
+        raise ValueError(f"patch_psnr: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
+    mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / (mse + 1e-10))
+
+
+# ------------------------------------------------------------------------------------------ environment
+ENV_ID = "causalir/Toolchain-v0"
+
+
+class ToolchainEnv(gym.Env):
+    """One episode = one distorted patch. Observation {"image": (3,p,p) float32 in [0,1], "prev_action":
+    one-hot (12,) of the previous tool, zeros at t=0}; actions 0..11 apply a tool, 12 = STOP.
+    Reward r_t = PSNR(x_t) - PSNR(x_{t-1}) against the clean patch (STOP: 0); terminated on STOP, after
+    ``max_steps`` tools, or (``end_on_drop``, training only) when PSNR falls below its initial value.
+    States are quantised to 8 bits after every tool (``quantize``), as saved images would be."""
+
+    metadata = {"render_modes": ["rgb_array"], "render_fps": 2}
+
+    def __init__(self, toolbox: Optional[Toolbox] = None, clean: Optional[torch.Tensor] = None,
+                 distorted: Optional[torch.Tensor] = None, max_steps: int = 3, end_on_drop: bool = False,
+                 quantize_states: bool = True, render_mode: Optional[str] = None, n_default: int = 8,
+                 severity: str = "moderate", seed: int = 0) -> None:
+        super().__init__()
+        if (clean is None) != (distorted is None):
+            raise ValueError("ToolchainEnv: give both clean and distorted patches, or neither")
+        if clean is None:
+            from .data import embedded_images
+
+            clean, distorted = make_patches(embedded_images("train"), n_default, severity, seed)
+        check_images(clean, "clean patches")
+        check_images(distorted, "distorted patches")
+        if clean.shape != distorted.shape:
+            raise ValueError(f"clean {tuple(clean.shape)} and distorted {tuple(distorted.shape)} must match")
+        if max_steps < 1:
+            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode: expected None or 'rgb_array', got {render_mode!r}")
+        if toolbox is None:
+            torch.manual_seed(seed)
+            toolbox = Toolbox(ToolboxConfig(small=(8, 8), large=(8, 8))).eval()
+        self.toolbox = toolbox.eval()
+        self.device = next(toolbox.parameters()).device
+        self.clean, self.distorted = clean.to(self.device), distorted.to(self.device)
+        self.max_steps, self.end_on_drop, self.quantize_states = int(max_steps), end_on_drop, quantize_states
+        self.render_mode = render_mode
+        p = clean.shape[-1]
+        self.observation_space = gym.spaces.Dict({
+            "image": gym.spaces.Box(0.0, 1.0, (3, clean.shape[-2], p), np.float32),
+            "prev_action": gym.spaces.MultiBinary(N_TOOLS)})
+        self.action_space = gym.spaces.Discrete(N_ACTIONS)
+        self._state: Optional[torch.Tensor] = None
+
+    def _obs(self) -> Dict[str, np.ndarray]:
+        prev = np.zeros(N_TOOLS, np.int8)
+        if self.chain:
+            prev[self.chain[-1]] = 1
+        return {"image": self._state[0].cpu().numpy().astype(np.float32), "prev_action": prev}
+
+    def _info(self) -> Dict[str, Any]:
+        return {"psnr": self.psnr, "psnr_initial": self.psnr0, "index": self.index, "chain": list(self.chain),
+                "tools": [ACTION_NAMES[a] for a in self.chain]}
+
+    def reset(self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None):
+        super().reset(seed=seed)
+        n = len(self.clean)
+        idx = (options or {}).get("index")
+        self.index = int(self.np_random.integers(n)) if idx is None else int(idx)
+        if not 0 <= self.index < n:
+            raise IndexError(f"options['index'] must be in [0, {n}), got {idx}")
+        x = self.distorted[self.index:self.index + 1]
+        self._state = quantize(x) if self.quantize_states else x.clone()
+        self._gt = quantize(self.clean[self.index:self.index + 1])   # ground truth as an 8-bit image
+        self.psnr0 = self.psnr = float(patch_psnr(self._state, self._gt))
+        self.chain: List[int] = []
+        self._done = False
+        return self._obs(), self._info()
+
+    def step(self, action):
+        if self._state is None or self._done:
+            raise RuntimeError("ToolchainEnv.step: the episode is over (or never started); call reset() first")
+        if not self.action_space.contains(action):
+            raise ValueError(f"ToolchainEnv.step: expected an action in 0..{N_ACTIONS - 1}, got {action!r}")
+        a = int(action)
+        if a == STOP:
+            self._done = True
+            return self._obs(), 0.0, True, False, {**self._info(), "stopped": True}
+        y = self.toolbox.apply([a], self._state)
+        self._state = quantize(y) if self.quantize_states else y
+        new = float(patch_psnr(self._state, self._gt))
+        reward = new - self.psnr
+        self.psnr = new
+        self.chain.append(a)
+        self._done = len(self.chain) >= self.max_steps or (self.end_on_drop and new < self.psnr0)
+        return self._obs(), float(reward), self._done, False, {**self._info(), "stopped": False}
+
+    def render(self):
+        if self._state is None:
+            return None
+        return (self._state[0].clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+
+
+def register_env() -> str:
+    """Register the environment with Gymnasium (idempotent); returns its id."""
+    if ENV_ID not in gym.registry:
+        gym.register(id=ENV_ID, entry_point="causalir.toolchain:ToolchainEnv")
+    return ENV_ID
+
+
+register_env()
+
+
+
+def rl_restore_experiment(profile: str = "quick", seed: int = 0, device: str = "auto", **overrides: Any) -> Dict[str, Any]:
+    """The registered experiment ``rl-restore`` (implemented in :func:`causalir.rl.run_experiment`)."""
+    from .rl import run_experiment
+
+    return run_experiment(profile=profile, seed=seed, device=device, **overrides)

@@ -1,0 +1,305 @@
+"""Properties of causalir.toolchain / causalir.rl (RL-Restore): distortion levels, tools, the Gymnasium
+environment, Q-learning vs random, oracle search, voting and joint fine-tuning."""
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from gymnasium.utils.env_checker import check_env
+
+from causalir import metrics, models
+from causalir import rl
+from causalir import toolchain as tc
+
+TINY = tc.ToolboxConfig(small=(4, 4), large=(4, 4))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Single-threaded: far faster than 2 threads on a crowded shared CPU; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _clean(n=8, p=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    return torch.nn.functional.interpolate(low, size=(p, p), mode="bilinear", align_corners=False).clamp(0, 1)
+
+
+# ------------------------------------------------------------------------------------------- distortions
+@pytest.mark.parametrize("sev", list(tc.SEVERITIES))
+def test_level_triples_respect_the_sum_ranges(sev):
+    tri = tc.level_triples(sev)
+    lo, hi = tc.SEVERITIES[sev]
+    s = tri.sum(1) - 2
+    assert tri.min() >= 1 and tri.max() <= 10
+    assert int(s.min()) == lo and int(s.max()) == hi
+    # every admissible triple is listed exactly once (all permutations)
+    brute = sum(1 for k in range(1, 11) for m in range(1, 11) for n in range(1, 11) if lo <= k + m + n - 2 <= hi)
+    assert len(tri) == brute == len({tuple(r) for r in tri.tolist()})
+
+
+def test_mixed_params_lie_inside_their_level_intervals():
+    p = tc.sample_mixed_params(500, "severe", torch.Generator().manual_seed(0))
+    k, m, n = p["levels"].T
+    bg, ng, jg = (torch.tensor(g, dtype=torch.float32) for g in (tc.BLUR_GRID, tc.NOISE_GRID, tc.JPEG_GRID))
+    assert torch.all((p["blur"] >= bg[k - 1] - 1e-5) & (p["blur"] <= bg[k] + 1e-5))
+    assert torch.all((p["noise"] >= ng[m - 1] - 1e-4) & (p["noise"] <= ng[m] + 1e-4))
+    assert torch.all((p["quality"] <= jg[n - 1] + 1e-4) & (p["quality"] >= jg[n] - 1e-4))
+    assert torch.all(p["levels"].sum(1) - 2 >= 18)
+
+
+def test_mixed_distortion_is_seeded_and_harder_when_severe():
+    x = _clean(6, 40)
+    d = tc.MixedDistortion("moderate")
+    a = d(x, torch.Generator().manual_seed(3))
+    b = d(x, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and a.shape == x.shape and 0 <= a.min() and a.max() <= 1
+    mild = tc.MixedDistortion("mild")(x, torch.Generator().manual_seed(1))
+    severe = tc.MixedDistortion("severe")(x, torch.Generator().manual_seed(1))
+    assert tc.patch_psnr(mild, x).mean() > tc.patch_psnr(severe, x).mean()
+    with pytest.raises(ValueError, match="valid: mild, moderate, severe"):
+        tc.MixedDistortion("extreme")
+
+
+# ------------------------------------------------------------------------------------------------ tools
+def test_reference_tool_sizes_params_and_macs():
+    box = tc.Toolbox()
+    params = box.params()
+    assert [s.arch for s in tc.TOOL_SPECS].count("small") == 6
+    for s in tc.TOOL_SPECS:
+        assert params[s.index] == (21_827 if s.arch == "small" else 50_851)
+    for k, want in ((0, 86.4e6), (2, 200.7e6)):
+        assert abs(models.count_flops(box.tools[k], (1, 3, 63, 63)) / 2 - want) / want < 0.01
+    agent = rl.ToolAgent()
+    assert abs(models.count_params(agent) - 87_863) <= 200        # torch LSTM: one extra bias vector (200)
+    assert abs(rl.agent_macs(agent) - 14e6) / 14e6 < 0.05
+
+
+def test_tools_preserve_shape_and_range():
+    torch.manual_seed(0)
+    box = tc.Toolbox(TINY)
+    for m in box.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, std=1.0)            # big weights: outputs would leave [0,1] unclipped
+    x = torch.rand(13, 3, 21, 17)
+    y = box.apply(torch.arange(13), x)
+    assert y.shape == x.shape and float(y.min()) >= 0 and float(y.max()) <= 1
+    assert torch.equal(y[12], x[12])                       # STOP is the identity
+    assert not torch.allclose(y[:12], x[:12])
+    with pytest.raises(ValueError, match="0..12"):
+        box.apply([13], x[:1])
+    with pytest.raises(ValueError, match="one action per image"):
+        box.apply([0, 1], x[:3])
+
+
+# ---------------------------------------------------------------------------------------------- the env
+def _env(**kw):
+    torch.manual_seed(0)
+    clean = _clean(6, 24)
+    dist = tc.MixedDistortion("moderate")(clean, torch.Generator().manual_seed(0))
+    return tc.ToolchainEnv(tc.Toolbox(TINY), clean, dist, **kw), clean
+
+
+def test_env_passes_gymnasium_checker_and_is_registered():
+    env, _ = _env()
+    check_env(env, skip_render_check=False)
+    assert tc.ENV_ID in gym.registry
+    made = gym.make(tc.ENV_ID, n_default=2)
+    obs, info = made.reset(seed=0)
+    assert obs["image"].shape == (3, 63, 63) and obs["image"].dtype == np.float32
+    assert made.observation_space.contains(obs)
+    made.close()
+
+
+def test_reward_equals_psnr_change_and_prev_action_is_one_hot():
+    env, clean = _env()
+    obs, info = env.reset(seed=1)
+    gt = clean[info["index"]][None]
+    assert not obs["prev_action"].any()
+    total = 0.0
+    for a in (5, 9, 2):
+        before = torch.from_numpy(obs["image"])[None]
+        obs, r, term, trunc, info = env.step(a)
+        after = torch.from_numpy(obs["image"])[None]
+        expect = metrics.psnr(after, gt) - metrics.psnr(before, gt)   # BasicSR PSNR on 8-bit images
+        assert r == pytest.approx(expect, abs=1e-6)
+        assert obs["prev_action"].argmax() == a and obs["prev_action"].sum() == 1
+        total += r
+    assert term and not trunc                                        # at most 3 steps
+    assert total == pytest.approx(info["psnr"] - info["psnr_initial"], abs=1e-9)
+    with pytest.raises(RuntimeError, match="reset"):
+        env.step(0)
+
+
+def test_stop_ends_the_episode_with_zero_reward():
+    env, _ = _env()
+    obs0, _ = env.reset(seed=2)
+    obs, r, term, trunc, info = env.step(tc.STOP)
+    assert term and r == 0.0 and info["stopped"] and info["chain"] == []
+    np.testing.assert_array_equal(obs["image"], obs0["image"])
+    with pytest.raises(RuntimeError):
+        env.step(tc.STOP)
+    env.reset(seed=2)
+    with pytest.raises(ValueError, match="0..12"):
+        env.step(13)
+
+
+def test_env_rejects_mismatched_data():
+    with pytest.raises(ValueError, match="must match"):
+        tc.ToolchainEnv(tc.Toolbox(TINY), torch.rand(2, 3, 8, 8), torch.rand(3, 3, 8, 8))
+    with pytest.raises(ValueError, match="both"):
+        tc.ToolchainEnv(tc.Toolbox(TINY), torch.rand(2, 3, 8, 8))
+
+
+# -------------------------------------------------------------------------------------------- agent, RL
+class _Fn(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+def _designed_toolbox():
+    """Tool 0 smooths (removes noise), tool 1 darkens by 0.15 (removes a brightening); the rest brighten (harm)."""
+    box = tc.Toolbox(TINY)
+    box.tools[0] = _Fn(lambda x: torch.nn.functional.avg_pool2d(
+        torch.nn.functional.pad(x, (2, 2, 2, 2), mode="replicate"), 5, 1))
+    box.tools[1] = _Fn(lambda x: x - 0.15)
+    for k in range(2, 12):
+        box.tools[k] = _Fn(lambda x: x + 0.1)
+    return box.eval()
+
+
+def _designed_data(n, seed):
+    clean = 0.2 + 0.5 * _clean(n, 16, seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    noisy = (clean + 0.12 * torch.randn(clean.shape, generator=g)).clamp(0, 1)
+    bright = (clean + 0.15).clamp(0, 1)
+    half = torch.arange(n) % 2 == 0
+    return clean, torch.where(half[:, None, None, None], noisy, bright)
+
+
+def test_q_learning_beats_a_random_policy_on_a_tiny_setting():
+    box = _designed_toolbox()
+    tr, va, te = _designed_data(64, 0), _designed_data(32, 1), _designed_data(64, 2)
+    torch.manual_seed(0)
+    agent = rl.ToolAgent(rl.AgentConfig(conv1=8, conv=8, fc=16, lstm=16))
+    cfg = rl.DQNConfig(updates=240, batch_episodes=32, collect_episodes=16, updates_per_collect=4, replay=1024,
+                       learn_start=32, lr=3e-3, target_sync=20, eps_updates=150, val_every=40, end_on_drop=False)
+    out = rl.train_dqn(agent, box, tr[0], tr[1], cfg, seed=0, val=va)
+    assert out["updates"] == 240 and len(out["history"]) == 6
+    greedy = rl.greedy_chains(agent, box, te[1], te[0])
+    rand = rl.rollout(agent, te[1], te[0], rl.apply_advance(box), eps=1.0,
+                      generator=torch.Generator().manual_seed(0))
+    g_final, r_final = float(greedy.psnr[:, -1].mean()), float(rand.psnr[:, -1].mean())
+    print(f"greedy {g_final:.2f} dB, random {r_final:.2f} dB, input {float(greedy.psnr[:, 0].mean()):.2f} dB")
+    assert g_final > r_final + 3.0, (g_final, r_final)
+    assert g_final > float(greedy.psnr[:, 0].mean()) + 2.0         # it restores, not just avoids harm
+
+
+def test_dqn_loss_target_is_reward_at_terminal_steps():
+    torch.manual_seed(0)
+    agent = rl.ToolAgent(rl.AgentConfig(conv1=4, conv=4, fc=8, lstm=8))
+    with torch.no_grad():
+        for p in agent.head.parameters():
+            p.zero_()                                         # Q == 0 everywhere
+    batch = {"obs": torch.randint(0, 255, (2, 3, 3, 16, 16), dtype=torch.uint8),
+             "actions": torch.tensor([[3, 12, -1], [1, 2, 4]]),
+             "rewards": torch.tensor([[0.5, 0.0, 0.0], [1.0, -2.0, 0.25]]),
+             "done": torch.tensor([[False, True, False], [False, False, True]]),
+             "valid": torch.tensor([[True, True, False], [True, True, True]])}
+    loss = rl.dqn_loss(agent, agent, batch, gamma=0.99, delta=1.0)
+    # Q = 0 so the TD error is minus the reward; Huber(0.5)=0.125, (0)=0, (1)=0.5, (2)=1.5, (0.25)=0.03125
+    assert float(loss) == pytest.approx((0.125 + 0 + 0.5 + 1.5 + 0.03125) / 5, rel=1e-6)
+
+
+def test_oracle_search_is_an_upper_bound_and_exhaustive_beats_beam():
+    torch.manual_seed(0)
+    box = tc.Toolbox(TINY)
+    clean = _clean(2, 16)
+    dist = tc.MixedDistortion("moderate")(clean, torch.Generator().manual_seed(0))
+    ex, ex_ch, runs = rl.oracle_chains(box, dist, clean, 3, beam=None)
+    bm, _, runs_b = rl.oracle_chains(box, dist, clean, 3, beam=2)
+    assert runs == 2 * (12 + 144 + 1728) and runs_b == 2 * (12 + 24 + 24)
+    pe, pb = tc.patch_psnr(ex, clean), tc.patch_psnr(bm, clean)
+    assert torch.all(pe >= pb - 1e-9)
+    assert torch.all(pe >= tc.patch_psnr(tc.quantize(dist), clean) - 1e-9)
+    rc = rl.random_chains(box, dist, clean, torch.Generator().manual_seed(0))
+    assert torch.all(pe >= rc.psnr[:, -1] - 1e-9)
+    # replaying the oracle's chain reproduces its image
+    for i, ch in enumerate(ex_ch):
+        y = tc.quantize(dist[i:i + 1])
+        for a in ch:
+            y = tc.quantize(box.apply([a], y))
+        assert torch.equal(y[0], ex[i])
+
+
+def test_chain_macs_counts_tools_and_decisions():
+    acts = torch.tensor([[0, 12, -1], [2, 3, 4], [12, -1, -1]])
+    m = rl.chain_macs(acts, [10 * (k + 1) for k in range(12)], decision_macs=1)
+    assert m.tolist() == [10 + 2, 30 + 40 + 50 + 3, 1]
+
+
+def _forced_agent(action):
+    torch.manual_seed(0)
+    agent = rl.ToolAgent(rl.AgentConfig(conv1=4, conv=4, fc=8, lstm=8))
+    with torch.no_grad():
+        agent.head.weight.zero_()
+        agent.head.bias.zero_()
+        agent.head.bias[action] = 1.0
+    return agent.eval()
+
+
+def test_voting_on_whole_images_and_patch_tiling():
+    img = torch.rand(3, 130, 200)
+    tiles = rl.image_patches(img, 63)
+    assert tiles.shape == (2 * 3, 3, 63, 63)
+    assert torch.equal(tiles[4], img[:, 63:126, 63:126])
+    box = _designed_toolbox()
+    r = rl.restore_image(_forced_agent(1), box, img)
+    assert r["actions"] == [1, 1, 1] and r["image"].shape == img.shape
+    expect = tc.quantize(img[None])
+    for _ in range(3):
+        expect = tc.quantize(box.apply([1], expect))
+    assert torch.equal(r["image"], expect[0])
+    s = rl.restore_image(_forced_agent(tc.STOP), box, img)
+    assert s["actions"] == [tc.STOP] and torch.equal(s["image"], tc.quantize(img))
+    with pytest.raises(ValueError, match="smaller than"):
+        rl.image_patches(torch.rand(3, 40, 40), 63)
+
+
+def test_joint_finetuning_updates_only_the_tools_used():
+    torch.manual_seed(0)
+    box = tc.Toolbox(TINY)
+    before = [[p.detach().clone() for p in t.parameters()] for t in box.tools]
+    clean = _clean(8, 16)
+    dist = tc.MixedDistortion("moderate")(clean, torch.Generator().manual_seed(0))
+    losses = rl.joint_finetune(_forced_agent(6), box, clean, dist, steps=3, batch=4, lr=1e-2)
+    assert len(losses) == 3
+    for k, t in enumerate(box.tools):
+        changed = any(not torch.equal(a, b) for a, b in zip(before[k], t.parameters()))
+        assert changed == (k == 6), k
+
+
+def test_chain_step_images_for_the_widget():
+    box = _designed_toolbox()
+    clean, dist = _designed_data(2, 0)
+    steps = rl.chain_step_images(_forced_agent(0), box, dist[0], clean[0])
+    assert [s["tool"] for s in steps] == ["input", "deblur-1", "deblur-1", "deblur-1"]
+    assert steps[0]["psnr"] == pytest.approx(float(tc.patch_psnr(tc.quantize(dist[:1]), clean[:1])))
+
+
+def test_profiles_and_overrides():
+    p = rl._profile("quick", {"dqn": {"updates": 3}})
+    assert p.dqn.updates == 3 and p.dqn.batch_episodes == rl.PROFILES["quick"].dqn.batch_episodes
+    with pytest.raises(KeyError, match="unknown override"):
+        rl._profile("quick", {"bogus": 1})
+    assert rl.PROFILES["full"].tools == tc.ToolboxConfig() and rl.PROFILES["full"].agent == rl.AgentConfig()
