@@ -124,16 +124,19 @@ def numeric_claim(claim: str, paper: float, ours_values: Sequence[float], tol: f
 
 
 def direction_claim(claim: str, paper_diff: Optional[float], ours_diffs: Sequence[float], source: str = "",
-                    note: str = "") -> Claim:
-    """A qualitative claim 'A beats B': reproduced when every seed shows the paper's sign (and the mean too)."""
+                    note: str = "", over: str = "seed") -> Claim:
+    """A qualitative claim 'A beats B': reproduced when every value (one per ``over``: seed, severity, level...)
+    shows the paper's sign; 'mixed across <over>s' when only some do."""
     vals = np.asarray(list(ours_diffs), dtype=float)
     sign = 1.0 if (paper_diff is None or paper_diff >= 0) else -1.0
     ok = bool(np.all(np.sign(vals) == sign)) and vals.size > 0
     mixed = bool(np.any(np.sign(vals) == sign)) and not ok
-    verdict = "reproduced" if ok else ("mixed across seeds" if mixed else "not reproduced at this scale")
+    plural = {"severity": "severities"}.get(over, over + "s")
+    verdict = "reproduced" if ok else (f"mixed across {plural}" if mixed else "not reproduced at this scale")
     spread = float(vals.std(ddof=1)) if vals.size > 1 else None
     return Claim(claim, paper_diff, round(float(vals.mean()), 3), verdict,
-                 None if spread is None else round(spread, 3), note or f"{vals.size} seed(s); sign must match", source)
+                 None if spread is None else round(spread, 3),
+                 note or f"{vals.size} {over if vals.size == 1 else plural}; sign must match", source)
 
 
 def collect_claims(folders: Sequence[Path]) -> List[Dict[str, Any]]:

@@ -757,10 +757,12 @@ def run_experiment(profile: str = "quick", seed: int = 0, device: str = "auto", 
                                     tol=0.3, source=src).as_dict())
     claims.append(direction_claim("RL-Restore beats the best single tool (mild, moderate, severe)", None,
                                   [rl[s] - sg[s] for s in SEVERITIES],
-                                  note="one value per severity; sign must hold for all three").as_dict())
+                                  note="one value per severity; sign must hold for all three",
+                                  over="severity").as_dict())
     claims.append(direction_claim("RL-Restore beats a random 3-tool chain (mild, moderate, severe)", None,
                                   [rl[s] - rnd[s] for s in SEVERITIES],
-                                  note="one value per severity; sign must hold for all three").as_dict())
+                                  note="one value per severity; sign must hold for all three",
+                                  over="severity").as_dict())
     rl_mac = float(macs["RL-Restore (agent)"])
     claims.append(direction_claim("RL-Restore needs fewer MACs per patch than the DnCNN-like CNN (DnCNN - RL, GMAC)",
                                   (PAPER_COST["DnCNN MAC/patch"] - PAPER_COST["worst chain MAC"]) / 1e9,
