@@ -95,7 +95,7 @@ def run_notebooks(profile: str, seed: int, device: str, only: Optional[List[str]
     books = sorted(nb_dir.glob("[0-9][0-9]_*.ipynb"))
     if only:
         books = [b for b in books if any(o in b.name for o in only)]
-    env = dict(os.environ)
+    env = dict(os.environ, CAUSALIR_HEADLESS="1")  # widgets render as one plain call (see nbtools.interact)
     if jobs > 1:
         env.setdefault("OMP_NUM_THREADS", "1")
 

@@ -46,3 +46,40 @@ def show_images(images: Sequence[torch.Tensor], titles: Optional[Sequence[str]] 
             axes.flat[i].set_title(titles[i], fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def headless() -> bool:
+    """True when notebooks run unattended (papermill/nbval via ``make``; ``CAUSALIR_HEADLESS=1``)."""
+    import os
+
+    return os.environ.get("CAUSALIR_HEADLESS", "") not in ("", "0")
+
+
+def interact(fn, **controls):
+    """``ipywidgets.interact(fn, **controls)`` in a live notebook. Unattended (``CAUSALIR_HEADLESS=1``), call ``fn``
+    once with each control's current value instead: nbclient can hang on Output widgets (jupyter/nbclient#312), and
+    the figure then lands in the executed notebook as an ordinary output."""
+    if not headless():
+        import ipywidgets
+
+        return ipywidgets.interact(fn, **controls)
+    kwargs = {k: _default_value(v) for k, v in controls.items()}
+    print("(headless run: the widget is shown as one call with its default values; "
+          f"open the notebook in JupyterLab to move the controls) {fn.__name__}({kwargs})")
+    fn(**kwargs)
+    return None
+
+
+def _default_value(control):
+    """The value a control would start with, for widgets, (min, max[, step]) tuples, lists and scalars."""
+    if hasattr(control, "value"):
+        return control.value
+    if isinstance(control, tuple) and len(control) in (2, 3) and all(isinstance(v, (int, float)) for v in control):
+        lo, hi = control[:2]
+        mid = (lo + hi) / 2
+        return type(lo)(mid) if isinstance(lo, int) and isinstance(hi, int) else mid
+    if isinstance(control, dict):
+        return next(iter(control.values()))
+    if isinstance(control, (list, tuple)):
+        return control[0]
+    return control
