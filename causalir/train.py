@@ -140,7 +140,7 @@ class Strategy:
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")
 # Modules that register further strategies; imported explicitly by build_strategy (no import magic).
-STRATEGY_MODULES = ("causalir.dil", "causalir.causal_experiments")
+STRATEGY_MODULES = ("causalir.dil", "causalir.causal_experiments", "causalir.adms")
 
 
 @STRATEGIES.register("erm")

@@ -1,0 +1,180 @@
+"""Tests for causalir.adms: the adaptive kernel theta_ads = theta_um + sum_d c_d theta_d ⊙ M_d, per-sample
+weights, mask shares, snow, classifier, training step, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from causalir import adms as A
+from causalir import attribution, models
+
+
+def _setup(mode: str = "offset", mixing: str = "soft", fraction: float = 0.05):
+    torch.manual_seed(0)
+    um = models.build("dncnn", nf=8, depth=3)
+    ims = {}
+    for d in ("rain", "blur"):
+        m = models.build("dncnn", nf=8, depth=3)
+        m.load_state_dict({k: v + 0.05 * torch.randn_like(v) for k, v in um.state_dict().items()})
+        ims[d] = m
+    g = torch.Generator().manual_seed(1)
+    masks = {d: attribution.select_top({n: torch.rand(p.shape[:2], generator=g) for n, p in um.named_parameters()
+                                        if p.dim() == 4}, fraction) for d in ims}
+    return um, ims, masks, A.build_adms(um, ims, masks, clf_nf=4, mode=mode, mixing=mixing)
+
+
+def _expected_weights(um, ims, masks, d):
+    """UM plus that degradation's masked delta, written out independently of ADMS."""
+    pu, pi = dict(um.named_parameters()), dict(ims[d].named_parameters())
+    out = {}
+    for n, p in pu.items():
+        if n in masks[d]:
+            out[n] = p + (pi[n] - p) * masks[d][n].float()[..., None, None]
+        else:
+            out[n] = p
+    return out
+
+
+@pytest.mark.parametrize("mode", ["offset", "replace"])
+def test_onehot_equals_um_plus_masked_delta(mode):
+    um, ims, masks, adms = _setup(mode)
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    for i, d in enumerate(adms.labels):
+        c = torch.nn.functional.one_hot(torch.tensor(i), 2).float()
+        w = adms.weights(c)
+        exp = _expected_weights(um, ims, masks, d)
+        for n in exp:
+            torch.testing.assert_close(w[n], exp[n], rtol=0, atol=1e-7)
+        with torch.no_grad():
+            y = adms(x, c)
+            y_ref = functional_call(um, exp, (x,))
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-6)
+    # outside every mask the weights are exactly the UM's, whatever c is
+    w = adms.weights(torch.tensor([0.3, 0.7]))
+    for n, p in um.named_parameters():
+        if n in masks["rain"]:
+            outside = ~(masks["rain"][n] | masks["blur"][n])[..., None, None].expand_as(p)
+            assert torch.equal(w[n][outside], p[outside])
+
+
+def test_offset_mode_is_linear_in_c_and_untouched_um_gives_um():
+    um, ims, masks, adms = _setup()
+    c = torch.tensor([0.25, 0.75])
+    w = adms.weights(c)
+    w0 = adms.weights(torch.tensor([1.0, 0.0]))
+    w1 = adms.weights(torch.tensor([0.0, 1.0]))
+    for n in w:
+        torch.testing.assert_close(w[n], 0.25 * w0[n] + 0.75 * w1[n])
+    zero = A.ADMS(um, masks, A.DegradationClassifier(2, 4))  # offsets start at zero -> exactly the UM
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(zero(x), um(x), rtol=1e-5, atol=1e-6)
+
+
+def test_per_sample_coefficients_match_one_sample_at_a_time():
+    _, _, _, adms = _setup()
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    c = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5], [0.9, 0.1]])
+    with torch.no_grad():
+        y = adms(x, c)
+        for b in range(4):
+            yb = functional_call(adms.unified, adms.weights(c[b]), (x[b:b + 1],))
+            torch.testing.assert_close(y[b:b + 1], yb, rtol=1e-5, atol=1e-6)
+        soft = adms.coefficients(x)
+    torch.testing.assert_close(soft.sum(1), torch.ones(4))
+    _, _, _, hard = _setup(mixing="hard")
+    with torch.no_grad():
+        h = hard.coefficients(x)
+    assert torch.equal(h.sum(1), torch.ones(4)) and set(h.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_mask_sizes_match_requested_share():
+    torch.manual_seed(0)
+    um = models.build("dncnn", nf=16, depth=4)
+    scores = {n: torch.rand(p.shape[:2]) for n, p in um.named_parameters() if p.dim() == 4}
+    total = sum(s.numel() for s in scores.values())
+    for frac in (0.01, 0.03, 0.1):
+        share = A.mask_share(attribution.select_top(scores, frac), um)
+        assert share["kernels"] == round(frac * total)
+        assert abs(share["kernel_share"] - frac) <= 0.5 / total
+        # all DnCNN convs are 3x3: the masked weights are 9 per kernel, a share of all parameters just below frac
+        assert share["weights"] == 9 * share["kernels"] and share["param_share"] < share["kernel_share"]
+
+
+def test_extra_params_counts_masked_weights_and_classifier():
+    um, _, masks, adms = _setup()
+    masked = sum(int(m.sum()) * 9 for d in masks for m in masks[d].values())
+    clf = sum(p.numel() for p in adms.classifier.parameters())
+    assert adms.extra_params() == {"masked_weights": masked, "classifier": clf, "total": masked + clf}
+
+
+def test_gradients_reach_only_masked_entries_and_classifier():
+    _, _, masks, adms = _setup()
+    x = torch.rand(2, 3, 16, 16)
+    adms(x).abs().mean().backward()
+    assert all(p.grad is None for p in adms.unified.parameters())
+    for i, d in enumerate(adms.labels):
+        for n in adms.names:
+            g = adms.deltas[A._key(n)].grad[i]
+            outside = ~masks[d][n][..., None, None].expand_as(g)
+            assert torch.count_nonzero(g[outside]) == 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in adms.classifier.parameters())
+
+
+def test_training_step_improves_loss_deterministically():
+    from causalir import distortions as dz
+    from causalir import train
+
+    imgs = [torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def run():
+        _, _, _, adms = _setup()
+        cfg = train.TrainConfig(steps=6, batch_size=4, patch_size=16, lr=1e-2, device="cpu", progress=False, seed=0)
+        res = train.fit(adms, A.ADMSStrategy(warmup_steps=2), imgs, [dz.GaussianNoise(25.0), dz.GaussianBlur(2.0)],
+                        cfg)
+        return res, adms
+
+    r1, a1 = run()
+    r2, a2 = run()
+    assert r1.history[-1]["loss"] == r2.history[-1]["loss"]
+    for k, v in a1.state_dict().items():
+        assert torch.equal(v, a2.state_dict()[k])
+
+
+def test_snow_is_bright_sparse_and_seeded():
+    x = torch.full((2, 3, 48, 48), 0.3)
+    s = A.Snow()
+    y1 = s(x, torch.Generator().manual_seed(0))
+    y2 = s(x, torch.Generator().manual_seed(0))
+    assert torch.equal(y1, y2)
+    assert (y1 >= x - 1e-6).all()                      # screen blending only brightens
+    changed = (y1 - x).abs().amax(1) > 0.05
+    assert 0.005 < changed.float().mean() < 0.5        # sparse flakes
+    assert y1.max() > 0.9                              # bright
+    with pytest.raises(ValueError, match="snow.length"):
+        A.Snow(length=(5.0, 2.0))
+
+
+def test_clear_errors():
+    um, _, masks, adms = _setup()
+    with pytest.raises(ValueError, match="mode"):
+        A.ADMS(um, masks, mode="swap")
+    with pytest.raises(ValueError, match=r"c: expected shape \(2, 2\)"):
+        adms(torch.rand(2, 3, 8, 8), torch.ones(2, 3) / 3)
+    bad = {d: {n: m[:1] for n, m in mm.items()} for d, mm in masks.items()}
+    with pytest.raises(ValueError, match="expected shape"):
+        A.ADMS(um, bad)
+    with pytest.raises(KeyError, match="valid names"):
+        A.degradation_set("rain-fog")
+    ds = A.degradation_set("rain-snow-haze")
+    assert list(ds["seen"]) == ["rain", "snow", "haze"]
+
+
+def test_mix_coefficients_sums_to_one_and_rejects_bad_weights():
+    c = A.mix_coefficients([1.0, 3.0, 0.0])
+    torch.testing.assert_close(c, torch.tensor([0.25, 0.75, 0.0]))
+    with pytest.raises(ValueError, match="non-negative"):
+        A.mix_coefficients([0.0, 0.0])
+    with pytest.raises(ValueError, match="non-negative"):
+        A.mix_coefficients([-1.0, 2.0])
