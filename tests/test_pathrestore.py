@@ -1,0 +1,277 @@
+"""Path-Restore: region tiling, FLOPs accounting, REINFORCE, shapes and errors."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from causalir import pathrestore as pr
+
+CFG = pr.MultiPathConfig(nf=8, num_blocks=3, path_blocks=(0, 1, 2), global_skip=True)
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return pr.PathRestore(CFG).eval()
+
+
+# ------------------------------------------------------------------------------------------------ tiling
+@pytest.mark.parametrize("shape", [(63, 63), (100, 131), (116, 64), (40, 90), (200, 170)])
+def test_tiling_identity_is_exact(shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, *shape, generator=g)
+    res = pr.restore_by_regions(nn.Identity(), x, flops_per_region=0)
+    assert res.output.shape == x.shape
+    assert torch.allclose(res.output, x, atol=1e-6)
+    # every pixel covered; regions as prescribed: 63 (or the short side), stride 53, last flush with the border
+    rh, rw = min(63, shape[0]), min(63, shape[1])
+    assert res.region == (rh, rw)
+    for t, l in res.positions:
+        assert 0 <= t <= shape[0] - rh and 0 <= l <= shape[1] - rw
+
+
+def test_region_starts():
+    assert pr.region_starts(63) == [0]
+    assert pr.region_starts(116) == [0, 53]
+    assert pr.region_starts(117) == [0, 53, 54]
+    assert pr.region_starts(200) == [0, 53, 106, 137]
+    with pytest.raises(ValueError, match="stride"):
+        pr.region_starts(100, 63, 0)
+    with pytest.raises(ValueError, match="no gaps"):
+        pr.region_starts(100, 20, 53)
+
+
+def test_merge_averages_overlaps():
+    x = torch.zeros(1, 1, 63, 116)
+    regions, pos, r = pr.extract_regions(x)
+    vals = torch.tensor([1.0, 3.0]).view(2, 1, 1, 1).expand(2, 1, *r)
+    out = pr.merge_regions(vals, pos, (63, 116))
+    assert float(out[0, 0, 0, 0]) == 1.0 and float(out[0, 0, 0, 115]) == 3.0
+    assert float(out[0, 0, 0, 60]) == 2.0  # covered by both regions (53..62)
+
+
+def test_extract_regions_rejects_batches():
+    with pytest.raises(ValueError, match=r"\(1,C,H,W\)"):
+        pr.extract_regions(torch.rand(2, 3, 70, 70))
+
+
+# ------------------------------------------------------------------------------------------------- FLOPs
+def test_flops_fixed_paths_match_flop_counter(model):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randint(3, (6, CFG.num_blocks), generator=g)
+    x = torch.rand(6, 3, 37, 45, generator=g)
+    measured = pr.measured_flops(lambda z: model.rollout(z, "fixed", actions=a), x)
+    analytic = pr.region_flops(CFG, a, 37, 45, pathfinder=False)
+    assert measured == int(analytic.sum())
+    # and equals the sum over the chosen paths, block by block
+    t = pr.flop_table(CFG, 37, 45)
+    by_hand = sum(t.head_tail + sum(t.shared + t.paths[int(k)] for k in row) for row in a)
+    assert by_hand == measured
+    assert t.paths[0] == 0 and t.paths[2] == 2 * t.paths[1]
+
+
+def test_flops_with_pathfinder_match_flop_counter(model):
+    x = torch.rand(5, 3, 63, 63, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        nn.init.normal_(model.pathfinder.out.weight, std=2.0)  # make greedy choices differ across regions
+    ro = model.rollout(x, "greedy")
+    measured = pr.measured_flops(lambda z: model.rollout(z, "greedy"), x)
+    assert measured == int(pr.region_flops(CFG, ro.actions).sum())
+
+
+def test_flops_of_whole_image_inference(model):
+    x = torch.rand(1, 3, 100, 120, generator=torch.Generator().manual_seed(4))
+    res = pr.restore_by_regions(model, x)
+    assert res.flops.shape == (len(res.positions),)
+    assert torch.equal(res.flops, pr.region_flops(CFG, res.actions))
+    # a plain network costs what the flop counter measures on one region
+    dn = nn.Conv2d(3, 3, 3, padding=1)
+    res2 = pr.restore_by_regions(dn, x)
+    assert res2.mean_flops == pr.conv_flops(3, 3, 3, 63, 63)
+
+
+def test_pathfinder_is_under_three_percent_in_reference_config():
+    share = pr.pathfinder_share(pr.MultiPathConfig())
+    assert 0 < share < 0.03
+    t = pr.flop_table(pr.MultiPathConfig())
+    # reference: 146M MAC per 64->64 conv on 63x63, ~1.77 GMAC all-bypass, ~3.53 GMAC all-on
+    assert abs(pr.conv_flops(64, 64, 3, 63, 63) / 2 - 146.3e6) < 0.1e6
+    assert abs(t.shortest / 2 - 1.77e9) < 0.01e9 and abs(t.longest / 2 - 3.53e9) < 0.01e9
+
+
+def test_matched_dncnn_has_longest_path_flops():
+    from causalir import models
+
+    cfg = pr.MultiPathConfig(nf=8, num_blocks=2)
+    dn = models.build("dncnn", nf=8, depth=pr.matched_dncnn_depth(cfg))
+    assert pr.measured_flops(dn, torch.zeros(1, 3, 63, 63)) == pr.flop_table(cfg).longest
+
+
+# --------------------------------------------------------------------------------------------- REINFORCE
+def test_reinforce_gradient_sign_on_two_armed_bandit():
+    """Arm 1 pays more: one gradient-descent step on the surrogate must raise log pi(arm 1)."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.zeros(2, requires_grad=True)
+    pay = torch.tensor([0.0, 1.0])
+    logp = torch.log_softmax(logits, 0)
+    a = torch.multinomial(logp.exp().detach().expand(4000, 2), 1, generator=g).squeeze(1)
+    ret = pay[a][:, None]
+    loss = pr.reinforce_loss(logp[a][:, None], ret, baseline=ret.mean().expand_as(ret))
+    loss.backward()
+    assert logits.grad[1] < 0 < logits.grad[0]  # descent increases logit 1
+    # the estimate matches the exact gradient of -E[R] = -sum_a pi_a R_a (which is (0.25, -0.25) at uniform)
+    assert torch.allclose(logits.grad, torch.tensor([0.25, -0.25]), atol=0.05)
+
+
+def test_reinforce_learns_two_armed_bandit():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.zeros(2, requires_grad=True)
+    opt = torch.optim.SGD([logits], lr=0.5)
+    pay = torch.tensor([1.0, 0.2])  # arm 0 better
+    for _ in range(60):
+        logp = torch.log_softmax(logits, 0)
+        a = torch.multinomial(logp.exp().detach().expand(64, 2), 1, generator=g).squeeze(1)
+        ret = (pay[a] + 0.1 * torch.randn(64, generator=g))[:, None]
+        opt.zero_grad()
+        pr.reinforce_loss(logp[a][:, None], ret, baseline=ret.mean().expand_as(ret)).backward()
+        opt.step()
+    assert torch.softmax(logits, 0)[0] > 0.9
+
+
+def test_difficulty_rewards_and_returns():
+    a = torch.tensor([[0, 1, 1], [1, 0, 2]])
+    mse_in = torch.tensor([0.01, 0.02])
+    mse_out = torch.tensor([0.002, 0.01])
+    r = pr.difficulty_rewards(a, mse_in, mse_out, p=0.5, l0=0.004, path_blocks=(0, 1, 2))
+    d = torch.tensor([0.5, 1.0])  # min(mse_out / L0, 1)
+    gain = mse_in - mse_out
+    expected = torch.tensor([[0.0, -0.5, -0.5], [-0.5, 0.0, -1.0]])
+    expected[:, -1] += d * gain
+    assert torch.allclose(r, expected)
+    # with an action-independent difficulty, a better restoration always earns more (not so with d = d(mse_out))
+    m = torch.linspace(1e-4, 4e-3, 50)
+    mse_in = torch.full((50,), 0.03)
+    a0 = torch.zeros(50, 3, dtype=torch.long)
+    fixed = pr.difficulty_rewards(a0, mse_in, m, 0.0, 0.004, (0, 1), difficulty_mse=torch.full((50,), 2e-3))[:, -1]
+    own = pr.difficulty_rewards(a0, mse_in, m, 0.0, 0.004, (0, 1))[:, -1]
+    assert bool((fixed.diff() < 0).all()) and bool((own.diff() > 0).all())
+    G = pr.returns_to_go(r)
+    assert torch.allclose(G[:, 0], r.sum(1)) and torch.allclose(G[:, -1], r[:, -1])
+    G2 = pr.returns_to_go(r, gamma=0.5)
+    assert torch.allclose(G2[:, 1], r[:, 1] + 0.5 * r[:, 2])
+
+
+def test_larger_penalty_favours_bypass_gradient(model):
+    """With p > 0 and no loss gain, the policy gradient pushes every block towards the bypass."""
+    x = torch.rand(32, 3, 24, 24, generator=torch.Generator().manual_seed(5))
+    ro = model.rollout(x, "sample", generator=torch.Generator().manual_seed(6))
+    zero = torch.zeros(32)
+    r = pr.difficulty_rewards(ro.actions, zero, zero, p=1.0, l0=1.0, path_blocks=CFG.path_blocks)
+    loss = pr.reinforce_loss(ro.log_probs, pr.returns_to_go(r))
+    loss.backward()
+    gb = model.pathfinder.out.bias.grad
+    assert gb[0] < 0 and gb[0] < gb[1] and gb[0] < gb[2]  # descent raises the bypass logit most
+
+
+# ----------------------------------------------------------------------------------- shapes, ranges, errors
+def test_rollout_shapes_and_modes(model):
+    x = torch.rand(6, 3, 24, 24, generator=torch.Generator().manual_seed(7))
+    for mode in ("greedy", "sample", "random"):
+        ro = model.rollout(x, mode, generator=torch.Generator().manual_seed(0))
+        assert ro.output.shape == x.shape and ro.actions.shape == (6, CFG.num_blocks)
+        assert int(ro.actions.min()) >= 0 and int(ro.actions.max()) < 3
+    ro = model.rollout(x, "sample", generator=torch.Generator().manual_seed(0))
+    assert ro.log_probs.shape == (6, 3) and bool((ro.log_probs <= 0).all())
+    assert torch.allclose(ro.log_probs, torch.full_like(ro.log_probs, -np.log(3)), atol=1e-6)  # uniform init
+    assert torch.allclose(model(x), model.rollout(x, "greedy").output)
+
+
+def test_grouped_paths_equal_per_sample(model):
+    """Grouping samples by path gives the same output as running each sample alone, and gradients flow."""
+    x = torch.rand(5, 3, 20, 20, generator=torch.Generator().manual_seed(8), requires_grad=True)
+    a = torch.tensor([[0, 1, 2], [2, 2, 0], [1, 0, 1], [0, 0, 0], [2, 1, 0]])
+    y = model.rollout(x, "fixed", actions=a).output
+    for n in range(5):
+        yn = model.rollout(x[n:n + 1], "fixed", actions=a[n:n + 1]).output
+        assert torch.allclose(y[n], yn[0], atol=1e-5)
+    y.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_restore_keeps_shape_and_range(model):
+    x = torch.rand(1, 3, 90, 70, generator=torch.Generator().manual_seed(9))
+    res = pr.restore_by_regions(model, x)
+    assert res.output.shape == x.shape
+    assert float(res.output.min()) >= 0 and float(res.output.max()) <= 1
+    assert res.path_map().shape == (2, 2)
+
+
+def test_determinism_under_seed(model):
+    x = torch.rand(4, 3, 24, 24)
+    a1 = model.rollout(x, "sample", generator=torch.Generator().manual_seed(3)).actions
+    a2 = model.rollout(x, "sample", generator=torch.Generator().manual_seed(3)).actions
+    assert torch.equal(a1, a2)
+
+
+def test_clear_errors(model):
+    with pytest.raises(ValueError, match="bypass first"):
+        pr.MultiPathConfig(path_blocks=(1, 2))
+    with pytest.raises(ValueError, match="unknown mode"):
+        model.rollout(torch.rand(1, 3, 16, 16), "best")
+    with pytest.raises(ValueError, match=r"actions of shape \(2, 3\)"):
+        model.rollout(torch.rand(2, 3, 16, 16), "fixed", actions=torch.zeros(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match="must lie in"):
+        model.rollout(torch.rand(1, 3, 16, 16), "fixed", actions=torch.full((1, 3), 5))
+    with pytest.raises(ValueError, match=r"\(N,C,H,W\)"):
+        model.rollout(torch.rand(3, 16, 16))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        pr.restore_by_regions(model, torch.full((1, 3, 70, 70), 2.0))
+    with pytest.raises(ValueError, match="baseline"):
+        pr.TrainRecipe(baseline="critic")
+    with pytest.raises(ValueError, match="unknown task"):
+        pr.tasks(["sr"])
+
+
+def test_training_stages_run_and_change_weights():
+    from causalir import data, distortions as D
+
+    torch.manual_seed(0)
+    cfg = pr.MultiPathConfig(nf=4, num_blocks=2, global_skip=True)
+    m = pr.PathRestore(cfg)
+    imgs = [torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    s = data.PatchSampler(imgs, 16, 4, "cpu")
+    rec = pr.TrainRecipe(stage1_steps=3, stage2_steps=3, batch_size=4, patch_size=16)
+    noise = D.GaussianNoise((0.0, 50.0))
+    pf0 = [p.clone() for p in m.pathfinder.parameters()]
+    head0 = m.head.weight.clone()
+    pr.train_stage1(m, s, lambda c, g: noise(c, g), rec, torch.Generator().manual_seed(0))
+    assert not torch.equal(head0, m.head.weight)
+    assert all(torch.equal(a, b) for a, b in zip(pf0, m.pathfinder.parameters()))  # stage I: random paths only
+    static = pr.PathRestore(cfg)
+    w0 = static.blocks[0].paths[1][0].conv1.weight.clone()
+    pr.train_stage1(static, s, lambda c, g: noise(c, g), rec, torch.Generator().manual_seed(0), fixed_path=1, steps=2)
+    assert not torch.equal(w0, static.blocks[0].paths[1][0].conv1.weight)  # the long path is trained
+    log = []
+    pr.train_stage2(m, s, lambda c, g: noise(c, g), rec, 1e-5, torch.Generator().manual_seed(1), log)
+    assert not all(torch.equal(a, b) for a, b in zip(pf0, m.pathfinder.parameters()))
+    assert log and log[-1]["stage"] == 2
+
+
+def test_path_map_overlay_and_widget_function():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    img = torch.rand(3, 100, 120)
+    _, pos, r = pr.extract_regions(img[None])
+    grid = [[0, 1, 2], [3, 0, 1]]
+    res = {"config": {"net": {"num_blocks": 3}},
+           "tables": {"path_maps": {"denoise": {"PR p=0": {"n10": {"grid": grid, "region": list(r), "stride": 53,
+                                                                    "positions": [list(q) for q in pos]}}}}}}
+    m = pr.path_map_overlay(res, img)
+    assert m.shape == (100, 120)
+    assert m[0, 0] == 0 and m[99, 119] == 1 and m[0, 119] == 2
+    fig = pr.show_path_map(res, img, 0)
+    assert fig is not None
+    with pytest.raises(IndexError, match="p_index"):
+        pr.show_path_map(res, img, 3)
