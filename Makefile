@@ -30,7 +30,7 @@ reproduce: $(STAMP)
 # Unit tests, the notebooks as smoke tests (nbval-lax), and the papermill quick run of every notebook.
 test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --durations=15 tests; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
-	CAUSALIR_HEADLESS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) -p no:python --nbval-lax --nbval-current-env --durations=0 notebooks; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	CAUSALIR_HEADLESS=1 OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --dist loadfile -p no:python --nbval-lax --nbval-current-env --durations=0 notebooks; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 	$(PY) -m causalir.cli reproduce --notebooks --jobs $(JOBS) --profile quick --seed $(SEED) --device cpu --no-claims
 
 unit: $(STAMP)
