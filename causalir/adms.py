@@ -43,51 +43,7 @@ __all__ = ["Snow", "degradation_set", "DEGRADATION_SETS", "DegradationClassifier
            "classifier_accuracy", "evaluate_run", "mix_coefficients", "adms_experiment", "SEED_TABLES"]
 
 
-# ----------------------------------------------------------------------------------------- snow (ours)
-@dataclass(frozen=True)
-class Snow(Distortion):
-    """Snow-like streaks built from the zoo's rain machinery (ours; the zoo has no snow): sparse flakes smeared by
-    a *short* line kernel (``length`` px) at a *widely varied* ``angle``, widened by a ``size`` x ``size`` max
-    filter, and screen-blended *bright*: y = 1 - (1 - x)(1 - a s)."""
-
-    density: Param = (0.002, 0.006)
-    length: Param = (1.0, 5.0)
-    angle: Param = (-60.0, 60.0)
-    intensity: Param = (0.8, 1.0)
-    size: int = 3
-    name: str = field(default="snow", init=False)
-
-    def __post_init__(self) -> None:
-        for n, p, lo, hi in (("density", self.density, 0, 1), ("length", self.length, 1, 9),
-                             ("angle", self.angle, -90, 90), ("intensity", self.intensity, 0, 1)):
-            vals = p if isinstance(p, (tuple, list)) else (p,)
-            if (isinstance(p, (tuple, list)) and (len(p) != 2 or p[0] > p[1])) or not all(
-                    isinstance(v, (int, float)) and lo <= v <= hi for v in vals):
-                raise ValueError(f"snow.{n}: expected a number in [{lo}, {hi}] or a pair (lo <= hi), got {p!r}")
-        if self.size < 1 or self.size % 2 == 0:
-            raise ValueError(f"snow.size: expected an odd int >= 1, got {self.size}")
-
-    def flakes(self, n: int, h: int, w: int, g: Optional[torch.Generator], device) -> torch.Tensor:
-        """The flake layer s in [0,1], shape (n,1,h,w)."""
-        dens = draw(self.density, n, g, device).view(-1, 1, 1, 1)
-        drops = (torch.rand((n, 1, h, w), generator=g, device=device) < dens).float()
-        drops = drops * (0.7 + 0.3 * torch.rand((n, 1, h, w), generator=g, device=device))
-        length = draw(self.length, n, g, device)
-        k = dz.line_kernels(length, draw(self.angle, n, g, device), 9)
-        s = dz.filter_batch(drops, k) * length.view(-1, 1, 1, 1)   # undo the kernel's normalisation: peak ~ 1
-        if self.size > 1:
-            s = F.max_pool2d(s, self.size, stride=1, padding=self.size // 2)
-        return s.clamp(0, 1)
-
-    def _apply(self, x, g):
-        n, _, h, w = x.shape
-        s = self.flakes(n, h, w, g, x.device).to(x.dtype)
-        a = draw(self.intensity, n, g, x.device).view(-1, 1, 1, 1).to(x.dtype)
-        return 1 - (1 - x) * (1 - a * s)
-
-    @property
-    def label(self) -> str:
-        return f"snow ρ={dz._fmt(self.density)}"
+Snow = dz.Snow  # the zoo's snow-like streaks (first written for ADMS)
 
 
 # ----------------------------------------------------------------------------------- degradation sets

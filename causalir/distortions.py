@@ -315,6 +315,50 @@ class Rain(Distortion):
         return f"rain ρ={_fmt(self.density)}"
 
 
+@REGISTRY.register("snow")
+@dataclass(frozen=True)
+class Snow(Distortion):
+    """Snow-like streaks built from the zoo's rain machinery (ours, not a physical snow model): sparse flakes smeared by
+    a *short* line kernel (``length`` px) at a *widely varied* ``angle``, widened by a ``size`` x ``size`` max
+    filter, and screen-blended *bright*: y = 1 - (1 - x)(1 - a s)."""
+
+    density: Param = (0.002, 0.006)
+    length: Param = (1.0, 5.0)
+    angle: Param = (-60.0, 60.0)
+    intensity: Param = (0.8, 1.0)
+    size: int = 3
+    name: str = field(default="snow", init=False)
+
+    def __post_init__(self) -> None:
+        for n, p, lo, hi in (("density", self.density, 0, 1), ("length", self.length, 1, 9),
+                             ("angle", self.angle, -90, 90), ("intensity", self.intensity, 0, 1)):
+            _check_param(f"snow.{n}", p, lo, hi)
+        if self.size < 1 or self.size % 2 == 0:
+            raise ValueError(f"snow.size: expected an odd int >= 1, got {self.size}")
+
+    def flakes(self, n: int, h: int, w: int, g: Optional[torch.Generator], device) -> torch.Tensor:
+        """The flake layer s in [0,1], shape (n,1,h,w)."""
+        dens = draw(self.density, n, g, device).view(-1, 1, 1, 1)
+        drops = (torch.rand((n, 1, h, w), generator=g, device=device) < dens).float()
+        drops = drops * (0.7 + 0.3 * torch.rand((n, 1, h, w), generator=g, device=device))
+        length = draw(self.length, n, g, device)
+        k = line_kernels(length, draw(self.angle, n, g, device), 9)
+        s = filter_batch(drops, k) * length.view(-1, 1, 1, 1)   # undo the kernel's normalisation: peak ~ 1
+        if self.size > 1:
+            s = F.max_pool2d(s, self.size, stride=1, padding=self.size // 2)
+        return s.clamp(0, 1)
+
+    def _apply(self, x, g):
+        n, _, h, w = x.shape
+        s = self.flakes(n, h, w, g, x.device).to(x.dtype)
+        a = draw(self.intensity, n, g, x.device).view(-1, 1, 1, 1).to(x.dtype)
+        return 1 - (1 - x) * (1 - a * s)
+
+    @property
+    def label(self) -> str:
+        return f"snow ρ={_fmt(self.density)}"
+
+
 # ------------------------------------------------------------------------------------------------ haze
 @REGISTRY.register("haze")
 @dataclass(frozen=True)
@@ -496,6 +540,7 @@ DEGREES: dict[str, tuple[str, float, float, float]] = {
     "downsample": ("scale", 1.0, 4.0, 2.0),
     "rain": ("density", 0.0, 0.08, 0.03),
     "haze": ("beta", 0.0, 3.0, 1.5),
+    "snow": ("density", 0.0, 0.02, 0.004),
     "spatial_noise": ("sigma_max", 0.0, 75.0, 50.0),
 }
 

@@ -7,7 +7,7 @@ from causalir import distortions as D
 
 
 def test_names_and_unknown_name():
-    for n in ("gaussian_noise", "gaussian_blur", "jpeg", "downsample", "rain", "haze", "spatial_noise", "compose"):
+    for n in ("gaussian_noise", "gaussian_blur", "jpeg", "downsample", "rain", "haze", "spatial_noise", "compose", "snow"):
         assert n in D.names()
     with pytest.raises(KeyError, match="valid names: .*gaussian_noise"):
         D.build("salt_and_pepper")
