@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, vmap
 
 from . import distortions as dz
-from .distortions import Distortion, Param, draw
+from .distortions import Distortion
 from .train import STRATEGIES, Strategy, StepContext, TrainConfig, make_optimizer, make_scheduler
 
 Masks = Dict[str, torch.Tensor]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .toolchain import (ACTION_NAMES, N_ACTIONS, N_TOOLS, PATCH, SEVERITIES, STOP, TOOL_SPECS, MixedDistortion,
+from .toolchain import (ACTION_NAMES, N_ACTIONS, N_TOOLS, PATCH, SEVERITIES, STOP, MixedDistortion,
                         Toolbox, ToolboxConfig, ToolTrainConfig, fit_paired, make_patches, paired_set, patch_psnr,
                         quantize, train_toolbox)
 from .utils import check_images, make_generator, resolve_device

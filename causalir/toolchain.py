@@ -13,15 +13,13 @@ The agent and deep Q-learning live in :mod:`causalir.rl`; the experiment functio
 """
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import gymnasium as gym
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import distortions as dz
 from .data import PatchSampler

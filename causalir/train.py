@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from tqdm.auto import tqdm
 
 from .data import PatchSampler
@@ -160,7 +160,7 @@ class ERM(Strategy):
         noisy = ctx.prepare(ctx.distort(clean))
         with ctx.autocast():
             out = ctx.model(noisy)
-        loss = ctx.loss_fn(out.float(), clean)
+        loss = ctx.loss_fn(out.to(torch.promote_types(out.dtype, torch.float32)), clean)  # bf16 -> fp32, keep fp64
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if ctx.cfg.grad_clip:

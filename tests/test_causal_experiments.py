@@ -2,7 +2,6 @@
 the DIL bridge and the experiment's structure."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Properties of causalir.toolchain / causalir.rl (RL-Restore): distortion levels, tools, the Gymnasium
 environment, Q-learning vs random, oracle search, voting and joint fine-tuning."""
-import math
 
 import gymnasium as gym
 import numpy as np
