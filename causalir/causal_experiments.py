@@ -122,13 +122,6 @@ class _StrataStrategy(Strategy):
         ctx.counters.distorted_batches += 1
         return {"loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0]}
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-
 
 @STRATEGIES.register("confounded_erm")
 @dataclass

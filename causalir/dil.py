@@ -235,13 +235,6 @@ class _PaperDIL(Strategy):
         ctx.counters.images_backpropagated += (3 if self.second_order else 2) * k * b
         return {**stats, "lr": self.sched.get_last_lr()[0]}
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-
     def describe(self) -> Dict[str, Any]:
         return {**super().describe(), "implements": PROVENANCE[self.name]}
 

@@ -115,13 +115,6 @@ class SRStrategy(Strategy):
         return {"name": self.name, "p_blur": self.p_blur, "p_noise": self.p_noise, "betas": list(self.betas),
                 "masked": None if self.masks is None else A.mask_count(self.masks)}
 
-    def state_dict(self) -> Dict[str, Any]:
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
-
-    def load_state_dict(self, state) -> None:
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
-
 
 # ------------------------------------------------------------------------------------------------ config
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -120,6 +120,9 @@ class Strategy:
     """Turns batches into a parameter update. Subclasses implement ``configure`` and ``step``."""
 
     name = "base"
+    # Attributes whose state_dict() is checkpointed (optimisers, schedulers); a strategy with more state
+    # (e.g. a task network) extends this tuple or overrides state_dict/load_state_dict.
+    stateful: ClassVar[tuple] = ("opt", "sched")
 
     def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
         raise NotImplementedError
@@ -128,10 +131,14 @@ class Strategy:
         raise NotImplementedError
 
     def state_dict(self) -> Dict[str, Any]:
-        return {}
+        return {k: getattr(self, k).state_dict() for k in self.stateful if hasattr(self, k)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        pass
+        for k in self.stateful:
+            if hasattr(self, k):
+                if k not in state:
+                    raise ValueError(f"checkpointed strategy state has no {k!r} (has {sorted(state)})")
+                getattr(self, k).load_state_dict(state[k])
 
     def describe(self) -> Dict[str, Any]:
         d = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
@@ -171,13 +178,6 @@ class ERM(Strategy):
         ctx.counters.images_forwarded += n
         ctx.counters.images_backpropagated += n
         return {"loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0]}
-
-    def state_dict(self) -> Dict[str, Any]:
-        return {"opt": self.opt.state_dict(), "sched": self.sched.state_dict()}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.opt.load_state_dict(state["opt"])
-        self.sched.load_state_dict(state["sched"])
 
 
 def build_strategy(name: str, **kwargs: Any) -> Strategy:
