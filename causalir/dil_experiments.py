@@ -98,6 +98,10 @@ def profile_for(experiment: str, profile: str, **overrides: Any) -> DILProfile:
         raise ValueError(f"unknown profile {profile!r}; valid profiles: {', '.join(PROFILES)}")
     p = PROFILES[profile]
     small = profile != "full"
+    if experiment == "dil-denoise" and profile == "medium":
+        # The committed CPU study: 1600 distorted batches of 8 per method, 2 seeds; alpha and the released sf's meta
+        # lr as chosen by the validation sweep of the first (64-batch) medium run.
+        p = replace(p, budget=1600, batch_size=8, seeds=2, alpha=0.01, ref_meta_lr=3e-3)
     if experiment == "dil-deblur" and small:
         p = replace(p, strategies=("erm", "dil_pf", "dil_sf", "dil_sf_reference"), seeds=1, sweep={},
                     budget=min(p.budget, 96))

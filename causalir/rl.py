@@ -570,13 +570,13 @@ PROFILES: Dict[str, RLProfile] = {
         n_train=64, n_val=16, n_test=16, oracle_beam=1, joint_steps=4, joint_batch=8, image_side=126),
     "medium": RLProfile(
         tools=ToolboxConfig(),
-        tool_train=ToolTrainConfig(steps=60, batch_size=16, patch_size=32, n_data=320, lr=2e-3),
+        tool_train=ToolTrainConfig(steps=600, batch_size=16, patch_size=32, n_data=640, lr=2e-3),
         agent=AgentConfig(conv1=16, conv=16, fc=32, lstm=50),
-        dqn=DQNConfig(updates=240, batch_episodes=16, collect_episodes=16, updates_per_collect=4, replay=2048,
-                      learn_start=64, lr=5e-4, target_sync=40, eps_updates=160, val_every=40, cache_cap=20000),
+        dqn=DQNConfig(updates=800, batch_episodes=16, collect_episodes=16, updates_per_collect=4, replay=4096,
+                      learn_start=64, lr=5e-4, target_sync=50, eps_updates=600, val_every=100, cache_cap=40000),
         dncnn={"nf": 32, "depth": 12},
-        dncnn_train=ToolTrainConfig(steps=150, batch_size=16, patch_size=32, n_data=640, lr=1e-3),
-        n_train=192, n_val=24, n_test=24, oracle_beam=2, joint_steps=10, joint_batch=8, image_side=126),
+        dncnn_train=ToolTrainConfig(steps=1500, batch_size=16, patch_size=32, n_data=640, lr=1e-3),
+        n_train=256, n_val=24, n_test=24, oracle_beam=2, joint_steps=40, joint_batch=8, image_side=126),
     "full": RLProfile(
         tools=ToolboxConfig(),
         tool_train=ToolTrainConfig(steps=320_000, batch_size=64, patch_size=63, n_data=200_000, lr=1e-4),
