@@ -136,7 +136,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         timings = run_notebooks(a.profile, a.seed, a.device, a.only, a.jobs)
     for name in a.names:
         t0 = time.perf_counter()
-        res = experiments.run(name, a.profile, a.seed, a.device, commit=a.commit)
+        res = experiments.run(name, a.profile, a.seed, a.device, commit=a.commit, overwrite=a.overwrite)
         timings.append({"experiment": name, "seconds": round(time.perf_counter() - t0, 1), "file": res["_path"]})
     if a.no_claims:
         print(json.dumps(timings, indent=1))
@@ -211,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--device", default="auto")
     r.add_argument("--commit", action="store_true", help="write results to data/results (committed) instead of artifacts/")
+    r.add_argument("--overwrite", action="store_true", help="with --commit: replace an existing committed result")
     r.add_argument("--no-claims", action="store_true", help="skip the claims table")
     r.add_argument("--committed-claims", action="store_true",
                    help="only rebuild data/results/CLAIMS.md from the committed result files")

@@ -73,10 +73,14 @@ def provenance(device: str) -> Dict[str, Any]:
 
 
 def run(name: str, profile: str = "quick", seed: int = 0, device: str = "auto", *, commit: bool = False,
-        out_dir: Optional[Path] = None, **overrides: Any) -> Dict[str, Any]:
-    """Run an experiment and write its results file; returns the results record."""
+        out_dir: Optional[Path] = None, overwrite: bool = False, **overrides: Any) -> Dict[str, Any]:
+    """Run an experiment and write its results file; returns the results record. With ``commit=True`` the file goes
+    to data/results/ and an existing committed file is only replaced with ``overwrite=True`` (checked before running)."""
     check_profile(profile)
     fn = _resolve(name)
+    if commit and not overwrite and (results_dir() / f"{name}-{profile}.json").exists():
+        raise FileExistsError(f"{results_dir() / f'{name}-{profile}.json'} exists (a committed result); pass "
+                              "overwrite=True (CLI --overwrite) to replace it")
     t0 = time.perf_counter()
     res = fn(profile=profile, seed=seed, device=device, **overrides)
     res = {"experiment": name, "profile": profile, **res, "provenance": provenance(device),

@@ -47,3 +47,13 @@ def test_unknown_experiment_and_profile():
         experiments.run("dil-everything")
     with pytest.raises(ValueError, match="valid profiles"):
         experiments.run("erm-denoise", "huge")
+
+
+def test_committed_results_are_not_overwritten_silently(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiments, "results_dir", lambda: tmp_path)
+    (tmp_path / "erm-denoise-quick.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        experiments.run("erm-denoise", "quick", 0, "cpu", commit=True, steps=2, eval_side=48)
+    assert (tmp_path / "erm-denoise-quick.json").read_text() == "{}"
+    experiments.run("erm-denoise", "quick", 0, "cpu", commit=True, overwrite=True, steps=2, eval_side=48)
+    assert "claims" in (tmp_path / "erm-denoise-quick.json").read_text()
