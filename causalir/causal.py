@@ -458,6 +458,17 @@ class _SCMBase:
 
     variables: tuple[Any, ...]
 
+    def _check_variables(self) -> None:
+        """Store the variables as a tuple; unique names and known parents, or a ValueError naming them."""
+        object.__setattr__(self, "variables", tuple(self.variables))
+        names = [v.name for v in self.variables]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate variable names in {names}")
+        for v in self.variables:
+            unknown = [p for p in v.parents if p not in names]
+            if unknown:
+                raise ValueError(f"variable {v.name!r} has unknown parent(s) {unknown}; valid names: {names}")
+
     @cached_property
     def causal_graph(self) -> CausalGraph:
         return CausalGraph(
@@ -543,14 +554,8 @@ class DiscreteSCM(_SCMBase):
     variables: tuple[DiscreteVariable, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "variables", tuple(self.variables))
-        names = [v.name for v in self.variables]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate variable names in {names}")
+        self._check_variables()
         for v in self.variables:
-            unknown = [p for p in v.parents if p not in names]
-            if unknown:
-                raise ValueError(f"variable {v.name!r} has unknown parent(s) {unknown}; valid names: {names}")
             for axis, p in enumerate(v.parents):
                 k = len(self.variable(p).states)
                 if v.cpt.shape[axis] != k:
@@ -668,14 +673,7 @@ class LinearGaussianSCM(_SCMBase):
     variables: tuple[LinearGaussianVariable, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "variables", tuple(self.variables))
-        names = [v.name for v in self.variables]
-        if len(set(names)) != len(names):
-            raise ValueError(f"duplicate variable names in {names}")
-        for v in self.variables:
-            unknown = [p for p in v.parents if p not in names]
-            if unknown:
-                raise ValueError(f"variable {v.name!r} has unknown parent(s) {unknown}; valid names: {names}")
+        self._check_variables()
         _ = self.causal_graph  # validates acyclicity
 
     def _matrices(self, do: Mapping[str, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -276,6 +276,28 @@ def line_kernels(length: torch.Tensor, angle_deg: torch.Tensor, size: int) -> to
     return k / k.sum(dim=(-1, -2), keepdim=True).clamp_min(1e-8)
 
 
+def smeared_drops(density: Param, length: Param, angle: Param, min_brightness: float, kernel_size: int, n: int,
+                  h: int, w: int, g: Optional[torch.Generator], device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Sparse drops (Bernoulli ``density``, brightness in [min_brightness, 1]) smeared by per-sample line kernels of
+    ``length`` px at ``angle`` degrees; returns the (n,1,h,w) layer and the lengths shaped (n,1,1,1)."""
+    dens = draw(density, n, g, device).view(-1, 1, 1, 1)
+    drops = (torch.rand((n, 1, h, w), generator=g, device=device) < dens).float()
+    drops = drops * (min_brightness + (1 - min_brightness) * torch.rand((n, 1, h, w), generator=g, device=device))
+    lengths = draw(length, n, g, device)
+    k = line_kernels(lengths, draw(angle, n, g, device), kernel_size)
+    return filter_batch(drops, k), lengths.view(-1, 1, 1, 1)
+
+
+def screen_blend(x: torch.Tensor, layer: torch.Tensor, intensity: Param, g: Optional[torch.Generator]) -> torch.Tensor:
+    """Screen blending of a bright layer: y = 1 - (1 - x)(1 - a s), a drawn per sample from ``intensity``."""
+    a = draw(intensity, x.shape[0], g, x.device).view(-1, 1, 1, 1).to(x.dtype)
+    return 1 - (1 - x) * (1 - a * layer.to(x.dtype))
+
+
+def _nhw(x: torch.Tensor) -> Tuple[int, int, int]:
+    return x.shape[0], x.shape[-2], x.shape[-1]
+
+
 @REGISTRY.register("rain")
 @dataclass(frozen=True)
 class Rain(Distortion):
@@ -296,19 +318,11 @@ class Rain(Distortion):
 
     def streaks(self, n: int, h: int, w: int, g: Optional[torch.Generator], device) -> torch.Tensor:
         """The streak layer s in [0,1], shape (n,1,h,w)."""
-        dens = draw(self.density, n, g, device).view(-1, 1, 1, 1)
-        drops = (torch.rand((n, 1, h, w), generator=g, device=device) < dens).float()
-        drops = drops * (0.5 + 0.5 * torch.rand((n, 1, h, w), generator=g, device=device))
-        length = draw(self.length, n, g, device)
-        k = line_kernels(length, draw(self.angle, n, g, device), 41)
-        s = filter_batch(drops, k) * length.view(-1, 1, 1, 1) / 3.0
-        return s.clamp(0, 1)
+        s, length = smeared_drops(self.density, self.length, self.angle, 0.5, 41, n, h, w, g, device)
+        return (s * length / 3.0).clamp(0, 1)
 
     def _apply(self, x, g):
-        n, _, h, w = x.shape
-        s = self.streaks(n, h, w, g, x.device).to(x.dtype)
-        a = draw(self.intensity, n, g, x.device).view(-1, 1, 1, 1).to(x.dtype)
-        return 1 - (1 - x) * (1 - a * s)
+        return screen_blend(x, self.streaks(*_nhw(x), g, x.device), self.intensity, g)
 
     @property
     def label(self) -> str:
@@ -338,21 +352,14 @@ class Snow(Distortion):
 
     def flakes(self, n: int, h: int, w: int, g: Optional[torch.Generator], device) -> torch.Tensor:
         """The flake layer s in [0,1], shape (n,1,h,w)."""
-        dens = draw(self.density, n, g, device).view(-1, 1, 1, 1)
-        drops = (torch.rand((n, 1, h, w), generator=g, device=device) < dens).float()
-        drops = drops * (0.7 + 0.3 * torch.rand((n, 1, h, w), generator=g, device=device))
-        length = draw(self.length, n, g, device)
-        k = line_kernels(length, draw(self.angle, n, g, device), 9)
-        s = filter_batch(drops, k) * length.view(-1, 1, 1, 1)   # undo the kernel's normalisation: peak ~ 1
+        s, length = smeared_drops(self.density, self.length, self.angle, 0.7, 9, n, h, w, g, device)
+        s = s * length  # undo the kernel's normalisation: peak ~ 1
         if self.size > 1:
             s = F.max_pool2d(s, self.size, stride=1, padding=self.size // 2)
         return s.clamp(0, 1)
 
     def _apply(self, x, g):
-        n, _, h, w = x.shape
-        s = self.flakes(n, h, w, g, x.device).to(x.dtype)
-        a = draw(self.intensity, n, g, x.device).view(-1, 1, 1, 1).to(x.dtype)
-        return 1 - (1 - x) * (1 - a * s)
+        return screen_blend(x, self.flakes(*_nhw(x), g, x.device), self.intensity, g)
 
     @property
     def label(self) -> str:
