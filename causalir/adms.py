@@ -284,13 +284,9 @@ class ADMSStrategy(Strategy):
             rec = ctx.loss_fn(model(x, c), clean)
             loss = rec + self.ce_weight * ce
             stats["rec"] = float(rec.detach())
-            ctx.counters.images_backpropagated += clean.shape[0]
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
-        self.sched.step()
+        warm = self._step < self.warmup_steps  # classifier-only steps backpropagate no restoration
+        self.update(ctx, loss, clean.shape[0], n_backprop=0 if warm else clean.shape[0])
         self._step += 1
-        ctx.counters.images_forwarded += clean.shape[0]
         return {"loss": float(loss.detach()), "acc": float((logits.argmax(1) == idx).float().mean()), **stats}
 
     def state_dict(self) -> Dict[str, Any]:

@@ -222,17 +222,8 @@ class _PaperDIL(Strategy):
         tasks = sample_tasks(ctx, k, self.paired)
         g, stats = meta_gradient(ctx.model, tasks, self.alpha, serial=self.serial, second_order=self.second_order,
                                  loss_fn=ctx.loss_fn, use_vmap=self.use_vmap, autocast=ctx.autocast)
-        params = dict(ctx.model.named_parameters())
-        for n, p in params.items():
-            p.grad = g[n].to(p.dtype)
-        if ctx.cfg.grad_clip:
-            nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
         b = tasks.x_in.shape[1]
-        ctx.counters.images_forwarded += 2 * k * b
-        ctx.counters.images_backpropagated += (3 if self.second_order else 2) * k * b
+        self.update(ctx, g, 2 * k * b, n_backprop=(3 if self.second_order else 2) * k * b)
         return {**stats, "lr": self.sched.get_last_lr()[0]}
 
     def describe(self) -> Dict[str, Any]:
@@ -326,14 +317,10 @@ class DILSerialFirstReference(Strategy):
             losses.append(float(loss.detach()))
             ctx.counters.images_forwarded += c.shape[0]
             ctx.counters.images_backpropagated += c.shape[0]
-        with torch.no_grad():
-            for pt, pm in zip(self.task.parameters(), ctx.model.parameters()):
-                pm.grad = (pm - pt).detach().clone()
-        if ctx.cfg.grad_clip:
-            nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        with torch.no_grad():  # Reptile meta-gradient theta - phi
+            delta = {n: (pm - pt).detach().clone() for (n, pm), pt in
+                     zip(ctx.model.named_parameters(), self.task.parameters())}
+        self.update(ctx, delta, 0)  # the inner steps above counted the images
         return {"loss": sum(losses) / len(losses), "lr": self.sched.get_last_lr()[0]}
 
     def state_dict(self) -> Dict[str, Any]:

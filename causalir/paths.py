@@ -28,3 +28,8 @@ def results_dir() -> Path:
 def cache_dir() -> Path:
     """Download cache (``$CAUSALIR_CACHE`` or ``~/.cache/causalir``)."""
     return Path(os.environ.get("CAUSALIR_CACHE", Path.home() / ".cache" / "causalir"))
+
+
+def models_dir() -> Path:
+    """Committed weights of trained models that notebooks load (``<repo>/data/models``)."""
+    return repo_root() / "data" / "models"

@@ -144,10 +144,39 @@ class Strategy:
         d = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
         return {"name": self.name, **d}
 
+    #: True for a strategy that draws its own (e.g. precomputed, paired) data: fit then needs no images.
+    owns_data: ClassVar[bool] = False
+
+    def update(self, ctx: StepContext, loss_or_grads: torch.Tensor | Mapping[str, torch.Tensor], n_images: int, *,
+               n_backprop: Optional[int] = None, opt: Optional[torch.optim.Optimizer] = None,
+               sched: Any = None) -> None:
+        """The one parameter update every strategy makes: zero the gradients; backpropagate ``loss`` (a tensor)
+        or set the gradients to ``grads`` (a dict by parameter name, e.g. a meta-gradient); clip their norm at
+        ``cfg.grad_clip`` (0 = off); one optimiser step and one scheduler step; count ``n_images`` forwarded and
+        ``n_backprop`` (default ``n_images``) backpropagated. ``opt``/``sched`` default to ``self.opt``/``self.sched``."""
+        opt = self.opt if opt is None else opt
+        sched = getattr(self, "sched", None) if sched is None else sched
+        model = ctx.model
+        opt.zero_grad(set_to_none=True)
+        if isinstance(loss_or_grads, Mapping):
+            for n, p in model.named_parameters():
+                if n in loss_or_grads:
+                    p.grad = loss_or_grads[n].to(p.dtype)
+        else:
+            loss_or_grads.backward()
+        if ctx.cfg.grad_clip:
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], ctx.cfg.grad_clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        ctx.counters.images_forwarded += int(n_images)
+        ctx.counters.images_backpropagated += int(n_images if n_backprop is None else n_backprop)
+
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")
-# Modules that register further strategies; imported explicitly by build_strategy (no import magic).
-STRATEGY_MODULES = ("causalir.dil", "causalir.causal_experiments", "causalir.adms")
+# The method modules that register further strategies, imported by build_strategy (an explicit table: core
+# names them as strings and never imports them statically, see tests/test_layers.py).
+STRATEGY_MODULES = ("causalir.dil", "causalir.backdoor", "causalir.adms", "causalir.attribution")
 
 
 @STRATEGIES.register("erm")
@@ -168,20 +197,52 @@ class ERM(Strategy):
         with ctx.autocast():
             out = ctx.model(noisy)
         loss = ctx.loss_fn(out.to(torch.promote_types(out.dtype, torch.float32)), clean)  # bf16 -> fp32, keep fp64
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if ctx.cfg.grad_clip:
-            nn.utils.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.grad_clip)
-        self.opt.step()
-        self.sched.step()
-        n = clean.shape[0]
-        ctx.counters.images_forwarded += n
-        ctx.counters.images_backpropagated += n
+        self.update(ctx, loss, clean.shape[0])
         return {"loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0]}
 
 
+@STRATEGIES.register("paired_mse")
+class PairedMSE(Strategy):
+    """Minibatches from a fixed paired set (precomputed distortions, e.g. JPEG encoded once): per step
+    ``batch_size`` random pairs, a random dihedral transform, one update on L(f(y), x) (``TrainConfig.loss``)."""
+
+    name = "paired_mse"
+    owns_data = True
+
+    def __init__(self, clean: torch.Tensor, dist: torch.Tensor) -> None:
+        if not isinstance(clean, torch.Tensor) or not isinstance(dist, torch.Tensor):
+            raise TypeError("paired_mse: clean and dist must be tensors (N,C,H,W)")
+        if clean.shape != dist.shape:
+            raise ValueError(f"paired_mse: clean {tuple(clean.shape)} and distorted {tuple(dist.shape)} differ")
+        self.clean, self.dist = clean, dist
+
+    def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.opt = make_optimizer(model.parameters(), cfg)
+        self.sched = make_scheduler(self.opt, cfg)
+
+    def step(self, ctx: StepContext) -> Dict[str, float]:
+        from .data import dihedral
+
+        dev = next(ctx.model.parameters()).device
+        idx = torch.randint(len(self.clean), (ctx.cfg.batch_size,), generator=ctx.generator,
+                            device=ctx.generator.device).cpu()
+        x, y = self.clean[idx].to(dev), self.dist[idx].to(dev)
+        t = torch.randint(8, (len(idx),), generator=ctx.generator, device=ctx.generator.device).to(dev)
+        x, y = dihedral(x, t), dihedral(y, t)
+        y = ctx.prepare(y)
+        with ctx.autocast():
+            out = ctx.model(y)
+        loss = ctx.loss_fn(out.to(torch.promote_types(out.dtype, torch.float32)), x)
+        self.update(ctx, loss, len(idx))
+        return {"loss": float(loss.detach())}
+
+    def describe(self) -> Dict[str, Any]:
+        return {"name": self.name, "n": len(self.clean)}
+
+
 def build_strategy(name: str, **kwargs: Any) -> Strategy:
-    """A strategy by name (``erm``, ``dil_pf``, ``dil_ps``, ``dil_sf``, ``dil_ss``, ``dil_sf_reference``...)."""
+    """A strategy by name (``erm``, ``paired_mse``, ``dil_pf``, ``dil_ps``, ``dil_sf``, ``dil_ss``,
+    ``dil_sf_reference``, ``confounded_erm``, ``backdoor_erm``, ``adms``, ``sr_x2``)."""
     _import_strategy_modules()
     return STRATEGIES.build(name, **kwargs)
 
@@ -189,12 +250,8 @@ def build_strategy(name: str, **kwargs: Any) -> Strategy:
 def _import_strategy_modules() -> None:
     import importlib
 
-    for mod in STRATEGY_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:  # the module may not exist in a partial checkout
-            if e.name != mod:
-                raise
+    for mod in STRATEGY_MODULES:  # every module exists; a failing import is a real error and propagates
+        importlib.import_module(mod)
 
 
 def strategy_names() -> List[str]:
@@ -251,7 +308,7 @@ def _comparable(rec: dict) -> dict:
     return rec
 
 
-def fit(model: nn.Module, strategy: Strategy, train_images: Sequence[torch.Tensor] | PatchSampler,
+def fit(model: nn.Module, strategy: Strategy, train_images: Sequence[torch.Tensor] | PatchSampler | None,
         distortions: Sequence[Distortion], cfg: TrainConfig = TrainConfig(), *,
         val_images: Optional[Sequence[torch.Tensor]] = None, val_distortions: Optional[Mapping[str, Distortion]] = None,
         run_dir: Optional[PathLike] = None, resume: bool = True,
@@ -263,16 +320,18 @@ def fit(model: nn.Module, strategy: Strategy, train_images: Sequence[torch.Tenso
     (same batches, same noise, same optimiser moments). An existing run with a different config is an error,
     never silently overwritten.
     """
-    if not distortions:
+    if not distortions and not strategy.owns_data:
         raise ValueError("fit: expected at least one seen distortion")
+    if train_images is None and not strategy.owns_data:
+        raise ValueError(f"fit: train_images is None but strategy {strategy.name!r} does not draw its own data")
     device = resolve_device(cfg.device)
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
     model.train()
-    sampler = train_images if isinstance(train_images, PatchSampler) else PatchSampler(
+    sampler = train_images if isinstance(train_images, PatchSampler) or train_images is None else PatchSampler(
         train_images, cfg.patch_size, cfg.batch_size, device)
-    if sampler.device != device:
+    if sampler is not None and sampler.device != device:
         raise ValueError(f"PatchSampler is on {sampler.device} but training runs on {device}")
     gen = make_generator(cfg.seed, device)
     strategy.configure(model, cfg)
@@ -291,7 +350,12 @@ def fit(model: nn.Module, strategy: Strategy, train_images: Sequence[torch.Tenso
         _load_checkpoint(run_path, model, strategy, gen, counters)
         history = saved.get("history", [])
 
-    ctx = StepContext(model, lambda: sampler.sample(gen), tuple(distortions), gen, LOSSES[cfg.loss],
+    def sample_clean() -> torch.Tensor:
+        if sampler is None:
+            raise RuntimeError(f"strategy {strategy.name!r} owns its data: fit was given no images to sample")
+        return sampler.sample(gen)
+
+    ctx = StepContext(model, sample_clean, tuple(distortions), gen, LOSSES[cfg.loss],
                       _autocast_factory(cfg, device), counters, cfg)
     t0 = time.perf_counter()
     elapsed0 = history[-1]["wall_time"] if history else 0.0
