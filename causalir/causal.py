@@ -12,7 +12,7 @@ and its image-restoration instance
 
 Contents
 --------
-* :class:`CausalGraph` -- an immutable DAG (parents, children, topological order, drawing).
+* :class:`CausalGraph` -- an immutable DAG (parents, children, topological order, layout).
 * :class:`DiscreteSCM` -- variables with finite states and conditional probability tables.
 * :class:`LinearGaussianSCM` -- ``V = intercept + sum_k coef_k * parent_k + N(0, sd^2)``.
 * :func:`d_separated`, :func:`check_backdoor`, :func:`satisfies_backdoor` -- graph criteria.
@@ -21,7 +21,7 @@ Contents
   :func:`linear_gaussian_confounded`, :func:`m_bias_graph`, :func:`restoration_graph`.
 * :func:`confounding_gap` -- one call for the notebook's confounding-strength slider.
 
-Only numpy is required; matplotlib is imported lazily by ``draw``.
+Only numpy is required (figures of these graphs are drawn by ``experiments.backdoor_toy.draw_graph``).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class CausalGraph:
     """An immutable directed acyclic graph.
 
     ``nodes`` fixes the node order; ``edges`` holds ``(parent, child)`` pairs; ``labels`` maps
-    node names to display labels used by :meth:`draw` (matplotlib mathtext allowed).
+    node names to display labels (see :meth:`display_labels`; matplotlib mathtext allowed).
     """
 
     nodes: tuple[str, ...]
@@ -227,53 +227,15 @@ class CausalGraph:
             depth[n] = 1 + max(depth[p] for p in ps) if ps else 0
         return depth
 
-    def draw(
-        self, ax: Any = None, pos: Mapping[str, tuple[float, float]] | None = None, node_size: float = 0.32
-    ):
-        """Draw the DAG with matplotlib: left-to-right layers (see :meth:`layers`), arrows for edges.
+    def display_labels(self) -> dict[str, str]:
+        """``{node: label}`` for figures: ``labels`` where given, else the name in mathtext (``I_d`` ->
+        ``$I_{d}$``). Drawing lives with the notebooks (``experiments.backdoor_toy.draw_graph``)."""
+        given = dict(self.labels)
+        return {n: given.get(n, _math_label(n)) for n in self.nodes}
 
-        ``pos`` overrides the layout with ``{node: (x, y)}``. Returns the matplotlib Axes.
-        """
-        import matplotlib.pyplot as plt
-        from matplotlib.patches import Circle
-
-        if ax is None:
-            _, ax = plt.subplots(figsize=(1.8 * (max(self.layers().values(), default=0) + 1) + 1, 3))
-        pos = dict(pos) if pos is not None else self._layered_positions()
-        labels = dict(self.labels)
-        layer = self.layers()
-        for a, b in self.edges:
-            (xa, ya), (xb, yb) = pos[a], pos[b]
-            length = max(float(np.hypot(xb - xa, yb - ya)), 1e-9)
-            ux, uy = (xb - xa) / length, (yb - ya) / length
-            skip = abs(layer[b] - layer[a]) > 1  # would cross intermediate layers: bend it
-            ax.annotate(
-                "",
-                xy=(xb - ux * node_size, yb - uy * node_size),
-                xytext=(xa + ux * node_size, ya + uy * node_size),
-                arrowprops={
-                    "arrowstyle": "-|>",
-                    "color": "0.25",
-                    "lw": 1.4,
-                    "shrinkA": 0,
-                    "shrinkB": 0,
-                    "mutation_scale": 14,
-                    "connectionstyle": f"arc3,rad={-0.35 if skip else 0.0}",
-                },
-            )
-        for n in self.nodes:
-            ax.add_patch(
-                Circle(pos[n], node_size, facecolor="#dbe9f6", edgecolor="#1f4e79", lw=1.5, zorder=3)
-            )
-            ax.text(*pos[n], labels.get(n, _math_label(n)), ha="center", va="center", fontsize=12, zorder=4)
-        xs = [p[0] for p in pos.values()] or [0.0]
-        ys = [p[1] for p in pos.values()] or [0.0]
-        pad = node_size + 0.3
-        ax.set_xlim(min(xs) - pad, max(xs) + pad)
-        ax.set_ylim(min(ys) - pad, max(ys) + pad)
-        ax.set_aspect("equal")
-        ax.axis("off")
-        return ax
+    def layout(self) -> dict[str, tuple[float, float]]:
+        """``{node: (x, y)}``: node k of layer L (see :meth:`layers`) at x = 1.5 L, centred vertically."""
+        return self._layered_positions()
 
     def _layered_positions(self) -> dict[str, tuple[float, float]]:
         layer = self.layers()
@@ -494,10 +456,6 @@ class _SCMBase:
 
     def topological_order(self) -> tuple[str, ...]:
         return self.causal_graph.topological_order()
-
-    def draw(self, ax: Any = None, **kwargs):
-        """Draw the DAG (see :meth:`CausalGraph.draw`)."""
-        return self.causal_graph.draw(ax=ax, **kwargs)
 
     def exact_mean(
         self, outcome: str, do: Mapping[str, Any] | None = None, given: Mapping[str, Any] | None = None

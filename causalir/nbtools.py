@@ -5,7 +5,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .experiments import check_profile
+from .experiments.profiles import check_profile
 from .utils import resolve_device, seed_everything
 
 
@@ -21,10 +21,11 @@ def setup(profile: str = "quick", seed: int = 0, device: str = "auto", threads: 
 
 
 def claims_frame(results: Dict[str, Any]):
-    """The claims of a results record as a DataFrame (paper, ours, ±, verdict)."""
+    """The claims of a results record as a DataFrame: paper, ours, 95% interval, over what, tolerance, verdict
+    and, for an inconclusive claim, why (the failed precondition)."""
     import pandas as pd
 
-    cols = ["claim", "paper", "ours", "spread", "verdict", "note"]
+    cols = ["claim", "paper", "ours", "low", "high", "n", "over", "tolerance", "verdict", "why"]
     return pd.DataFrame(results.get("claims", []), columns=cols)
 
 

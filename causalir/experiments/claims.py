@@ -34,7 +34,7 @@ DIRECTION_ONLY = "direction only"
 NOT_REPRODUCED = "not reproduced"
 INCONCLUSIVE = "inconclusive"
 VERDICTS = (REPRODUCED, DIRECTION_ONLY, NOT_REPRODUCED, INCONCLUSIVE)
-UNITS = ("seeds", "images", "patches", "regions", "tiles", "levels")
+UNITS = ("seeds", "images", "patches", "regions", "tiles", "levels", "samples")
 
 
 # ------------------------------------------------------------------------------------------- tolerance
@@ -180,6 +180,19 @@ def estimate(values: Sequence[float], over: str = "seeds") -> Estimate:
     return Estimate(mean, se, mean - half, mean + half, int(v.size), over)
 
 
+def from_se(mean: float, se: float, n: int, over: str = "samples") -> Estimate:
+    """An estimate whose standard error was computed with it (e.g. a mean over ``n`` simulated samples):
+    normal 95% interval, mean ± 1.96 SE (``n`` must be large for that to hold; >= 30 is required)."""
+    if over not in UNITS:
+        raise ValueError(f"over: expected one of {', '.join(UNITS)}, got {over!r}")
+    if not (math.isfinite(mean) and math.isfinite(se) and se >= 0):
+        raise ValueError(f"from_se: expected a finite mean and SE >= 0, got {mean!r}, {se!r}")
+    if n < 30:
+        raise ValueError(f"from_se: n must be >= 30 for a normal interval, got {n}")
+    half = 1.959963984540054 * se
+    return Estimate(float(mean), float(se), mean - half, mean + half, int(n), over)
+
+
 def pick(seeds: Optional[Sequence[float]] = None, units: Optional[Sequence[float]] = None,
          unit: str = "images") -> Estimate:
     """The estimate a claim uses: over seeds when there are >= 2, else over paired ``units`` (one seed)."""
@@ -246,11 +259,13 @@ def _r(v: Optional[float], nd: int = 3) -> Optional[float]:
 
 def effect(claim: str, paper: Optional[float], *, seeds: Optional[Sequence[float]] = None,
            units: Optional[Sequence[float]] = None, unit: str = "images", tolerance: Tolerance = FACTOR2,
-           require: Sequence[Precondition] = (), source: str = "", note: str = "", digits: int = 3) -> Claim:
+           require: Sequence[Precondition] = (), source: str = "", note: str = "", digits: int = 3,
+           known: Optional[Estimate] = None) -> Claim:
     """A claim about an effect (``A - B``, a ratio minus one, an accuracy above chance...). ``seeds``: one value
     of the effect per seed; ``units``: with one seed, the paired per-image/patch effects. ``paper=None`` means
-    the paper states only the direction (positive): the tolerance becomes 'sign only'."""
-    est = pick(seeds, units, unit)
+    the paper states only the direction (positive): the tolerance becomes 'sign only'. ``known``: an estimate
+    with its own SE (:func:`from_se`), used when there are fewer than 2 seeds."""
+    est = known if known is not None and not (seeds is not None and len(seeds) >= 2) else pick(seeds, units, unit)
     tol = SIGN_ONLY if paper is None else tolerance
     verdict, why = decide(paper, est, tol, require)
     return Claim(claim, paper, _r(est.mean, digits), verdict, _r(est.se, digits + 1), _r(est.low, digits),

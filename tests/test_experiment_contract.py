@@ -1,0 +1,106 @@
+"""Every registered experiment keeps the contract: profiles, paper table, run signature, claims from tables."""
+import dataclasses
+import inspect
+import json
+
+import pytest
+
+from causalir import experiments
+from causalir.experiments import claims, profiles
+from causalir.experiments.record import Experiment
+from causalir.paths import results_dir
+
+
+@pytest.mark.parametrize("name", experiments.names())
+def test_contract(name):
+    exp = experiments.get(name)
+    assert isinstance(exp, Experiment) and exp.name == name
+    assert set(exp.profiles) == {"quick", "medium", "full"}
+    for prof in exp.profiles.values():
+        assert dataclasses.is_dataclass(prof) and type(prof).__dataclass_params__.frozen
+    assert exp.paper and exp.source
+    sig = inspect.signature(exp.run)
+    assert list(sig.parameters)[:4] == ["profile", "seed", "device", "keep_models"]
+    assert sig.parameters["seed"].default == 0 and sig.parameters["keep_models"].default is False
+    assert any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+
+
+@pytest.mark.parametrize("path", sorted(results_dir().glob("*.json")), ids=lambda p: p.stem)
+def test_committed_records_are_rejudged_by_the_grammar(path):
+    rec = json.loads(path.read_text())
+    out = experiments.rejudge(rec)
+    assert out["claims"], path
+    for c in out["claims"]:
+        assert c["verdict"] in claims.VERDICTS
+        assert (c["verdict"] == claims.INCONCLUSIVE) == bool(c["why"]), c
+    assert experiments.load_results(rec["experiment"], rec["profile"])["claims"] == out["claims"]
+
+
+def test_profiles_select_validates():
+    exp = experiments.get("erm-denoise")
+    with pytest.raises(ValueError, match="valid profiles: quick, medium, full"):
+        profiles.select(exp.profiles, "huge")
+    with pytest.raises(TypeError, match="unknown override.*stepz.*valid fields: model, model_cfg, steps"):
+        profiles.select(exp.profiles, "quick", {"stepz": 3})
+    p = profiles.select(exp.profiles, "quick", {"steps": 7})
+    assert p.steps == 7 and exp.profiles["quick"].steps == 300
+
+
+def test_nested_override_takes_a_dict_and_tuples_take_lists():
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        lr: float = 1e-3
+        betas: tuple = (0.9, 0.99)
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        inner: Inner = Inner()
+        n: int = 1
+
+    table = {"quick": Outer(), "medium": Outer(n=2), "full": Outer(n=3)}
+    p = profiles.select(table, "medium", {"inner": {"betas": [0.5, 0.9]}})
+    assert p == Outer(Inner(1e-3, (0.5, 0.9)), 2)
+    with pytest.raises(TypeError, match=r"inner\.momentum.*valid fields: lr, betas"):
+        profiles.select(table, "quick", {"inner": {"momentum": 0.9}})
+
+
+def test_keep_models_returns_models_and_never_writes_them(tmp_path):
+    res = experiments.run("erm-denoise", "quick", 0, "cpu", out_dir=tmp_path, keep_models=True, steps=2,
+                          eval_side=48)
+    assert list(res["models"]) == ["ERM seed 0"]
+    assert "models" not in json.loads((tmp_path / "erm-denoise-quick.json").read_text())
+
+
+def test_load_models_names_missing_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"models\.json is missing"):
+        experiments.load_models("erm-denoise", "medium", folder=tmp_path)
+    (tmp_path / "erm-denoise-medium").mkdir()
+    (tmp_path / "erm-denoise-medium" / "models.json").write_text(json.dumps(
+        {"models": {"ERM": {"model": "rrdb", "config": {"preset": "tiny"}, "file": "erm.safetensors"}}}))
+    with pytest.raises(FileNotFoundError, match="erm.safetensors"):
+        experiments.load_models("erm-denoise", "medium", folder=tmp_path)
+
+
+def test_load_models_rebuilds_saved_weights(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from causalir import models
+
+    torch.manual_seed(0)
+    net = models.build("dncnn", preset="tiny")
+    root = tmp_path / "erm-denoise-medium"
+    root.mkdir()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "m.safetensors"))
+    cfg = dict(net.config)
+    (root / "models.json").write_text(json.dumps({"models": {"m": {"model": cfg.pop("name"), "config": cfg,
+                                                                   "file": "m.safetensors"}}}))
+    got = experiments.load_models("erm-denoise", "medium", folder=tmp_path)["m"]
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(got(x), net.eval()(x))
+
+
+def test_unknown_experiment_names_valid_ones():
+    with pytest.raises(KeyError, match="valid names: erm-denoise, backdoor-toy"):
+        experiments.get("dil-everything")
