@@ -14,11 +14,12 @@ difficulty-regulated reward.
 Assumptions (the paper's exact values are not public, see reference/path-restore.md): L_0, p, the discount
 (gamma = 1), the REINFORCE baseline (a greedy self-critical rollout by default) and the per-path penalty for paths
 costing more than one block (proportional to their blocks).
+
+The ``path-restore`` experiment (profiles, the seed's table, claims, plots) is :mod:`causalir.experiments.path_restore`.
 """
 from __future__ import annotations
 
 import copy
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -28,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .utils import check_images, make_generator, resolve_device
+from .train import TrainConfig, make_optimizer, make_scheduler
+from .utils import check_images, make_generator
 
 REGION, STRIDE = 63, 53
 
@@ -445,20 +447,32 @@ class TrainRecipe:
             raise ValueError(f"baseline: expected 'greedy', 'mean' or 'none', got {self.baseline!r}")
 
 
-def _cosine(opt: torch.optim.Optimizer, steps: int):
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, steps)
-                                                                                             / max(steps, 1))))
+#: the cosine schedule's floor as a share of the learning rate (lr -> 0.02 lr over the stage)
+LR_FLOOR = 0.02
+
+
+def _adam_cosine(params, lr: float, steps: int, schedule: bool = True):
+    """Adam at ``lr`` and (``schedule``) a cosine decay to ``LR_FLOOR * lr`` over ``steps``, both from
+    :func:`causalir.train.make_optimizer` / :func:`causalir.train.make_scheduler` (bit-identical to the
+    private schedule these loops had before)."""
+    cfg = TrainConfig(steps=steps, lr=lr, schedule="cosine", lr_min_ratio=LR_FLOOR)
+    opt = make_optimizer(params, cfg)
+    return opt, (make_scheduler(opt, cfg) if schedule else None)
 
 
 def train_stage1(model: PathRestore, sampler, distort: Callable, recipe: TrainRecipe, gen: torch.Generator,
                  log: Optional[List[dict]] = None, fixed_path: Optional[int] = None,
                  steps: Optional[int] = None) -> PathRestore:
     """Stage I: L2 training of the multi-path network with uniformly random paths per region and block.
-    With ``fixed_path`` every block always takes that path: a static network (the FLOPs-matched baseline)."""
+    With ``fixed_path`` every block always takes that path: a static network (the FLOPs-matched baseline).
+
+    A plain loop, outside :func:`causalir.train.fit` on purpose: it trains a parameter subset (the pathfinder is
+    frozen) under routes drawn per sample from the same generator as the batches and the noise, and the random
+    stream (batch, distortion, routes per step) is part of what the committed results fix; Adam and the cosine
+    schedule come from :func:`causalir.train.make_optimizer` / ``make_scheduler``."""
     n_steps = recipe.stage1_steps if steps is None else steps
     params = [p for n, p in model.named_parameters() if not n.startswith("pathfinder.")]
-    opt = torch.optim.Adam(params, lr=recipe.lr)
-    sched = _cosine(opt, n_steps)
+    opt, sched = _adam_cosine(params, recipe.lr, n_steps)
     model.train()
     for step in range(n_steps):
         clean = sampler.sample(gen)
@@ -480,11 +494,15 @@ def train_stage1(model: PathRestore, sampler, distort: Callable, recipe: TrainRe
 
 def train_stage2(model: PathRestore, sampler, distort: Callable, recipe: TrainRecipe, p: float,
                  gen: torch.Generator, log: Optional[List[dict]] = None) -> PathRestore:
-    """Stage II: pathfinder by REINFORCE on the difficulty-regulated reward, network by L2 on the sampled paths."""
+    """Stage II: pathfinder by REINFORCE on the difficulty-regulated reward, network by L2 on the sampled paths.
+
+    A plain loop, outside :func:`causalir.train.fit` on purpose: one backward of L2 + the policy-gradient surrogate
+    (with a greedy self-critical rollout as baseline) feeds two optimisers on disjoint parameter sets (the network
+    on a cosine schedule, the pathfinder at a constant rate), which ``Strategy.update``'s one optimiser step does
+    not express. Both come from :func:`causalir.train.make_optimizer` / ``make_scheduler``."""
     net = [q for n, q in model.named_parameters() if not n.startswith("pathfinder.")]
-    opt_net = torch.optim.Adam(net, lr=recipe.lr_stage2)
-    opt_pf = torch.optim.Adam(model.pathfinder.parameters(), lr=recipe.pf_lr)
-    sched = _cosine(opt_net, recipe.stage2_steps)
+    opt_net, sched = _adam_cosine(net, recipe.lr_stage2, recipe.stage2_steps)
+    opt_pf, _ = _adam_cosine(model.pathfinder.parameters(), recipe.pf_lr, recipe.stage2_steps, schedule=False)
     model.train()
     for step in range(recipe.stage2_steps):
         clean = sampler.sample(gen)
@@ -519,9 +537,9 @@ def train_stage2(model: PathRestore, sampler, distort: Callable, recipe: TrainRe
 
 def train_dncnn(model: nn.Module, sampler, distort: Callable, steps: int, lr: float, gen: torch.Generator,
                 log: Optional[List[dict]] = None) -> nn.Module:
-    """The same L2 recipe for the plain comparison network."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = _cosine(opt, steps)
+    """The same L2 recipe for the plain comparison network (a plain loop like :func:`train_stage1`, so that both
+    networks see the same batches and noise; Adam and the cosine schedule from :mod:`causalir.train`)."""
+    opt, sched = _adam_cosine(model.parameters(), lr, steps)
     model.train()
     for step in range(steps):
         clean = sampler.sample(gen)
@@ -601,45 +619,6 @@ def tasks(which: Sequence[str] = ("denoise", "mixed")) -> List[Task]:
     return out
 
 
-@dataclass(frozen=True)
-class Profile:
-    net: MultiPathConfig
-    recipe: TrainRecipe
-    dncnn_steps: int
-    p_grid: Dict[str, Tuple[float, ...]]
-    eval_side: int
-    tasks: Tuple[str, ...] = ("denoise", "mixed")
-    tol_db: float = 0.05          # "matched PSNR": within this of the DnCNN on validation
-    threads: int = 2
-    baseline: str = "resnet"      # resnet: static net = every block on the long path; dncnn: plain DnCNN
-
-
-PROFILES: Dict[str, Profile] = {
-    "quick": Profile(MultiPathConfig(nf=8, num_blocks=3, global_skip=True),
-                     TrainRecipe(stage1_steps=40, stage2_steps=20, batch_size=8, patch_size=24, lr=2e-3,
-                                 lr_stage2=5e-4, pf_lr=3e-3),
-                     dncnn_steps=40, p_grid={"denoise": (0.0, 1e-4), "mixed": (1e-4,)}, eval_side=96,
-                     tasks=("denoise",), threads=1),
-    "medium": Profile(MultiPathConfig(nf=16, num_blocks=4, global_skip=True),
-                      TrainRecipe(stage1_steps=500, stage2_steps=150, batch_size=16, patch_size=32, lr=2e-3,
-                                  lr_stage2=2e-4, pf_lr=2e-3),
-                      dncnn_steps=500, p_grid={"denoise": (0.0, 1e-5, 3e-5), "mixed": (1e-5,)},
-                      eval_side=160, threads=1),
-    "full": Profile(MultiPathConfig(nf=64, num_blocks=6, global_skip=False),
-                    TrainRecipe(stage1_steps=400_000, stage2_steps=100_000, batch_size=32, patch_size=63, lr=1e-4,
-                                lr_stage2=1e-5, pf_lr=1e-4),
-                    dncnn_steps=400_000,
-                    p_grid={"denoise": (0.0, 2e-6, 5e-6, 8e-6, 1.5e-5), "mixed": (2e-6, 5e-6, 8e-6)},
-                    eval_side=2048, threads=0, baseline="dncnn"),
-}
-
-BASELINE_NAMES = {"resnet": "DnCNN-like (static ResNet)", "dncnn": "DnCNN (plain)"}
-
-SEED_TABLE = {"dncnn": {"noise σ=10": 36.07, "noise σ=50": 27.96, "linear": 31.17, "peaks": 31.15, "gflops": 5.31},
-              "path_restore": {"noise σ=10": 36.04, "noise σ=50": 27.96, "linear": 31.18, "peaks": 31.15,
-                               "gflops": 4.22}}
-
-
 @dataclass
 class TaskRun:
     """Everything trained for one task: the DnCNN, the stage-I network and one Path-Restore per p."""
@@ -652,40 +631,48 @@ class TaskRun:
     wall: Dict[str, float] = field(default_factory=dict)
 
 
-def train_task(task: Task, prof: Profile, seed: int, device: torch.device) -> TaskRun:
-    """Train the DnCNN-like baseline, stage I once, then stage II from the stage-I weights for every p."""
+BASELINES = ("resnet", "dncnn")
+
+
+def train_task(task: Task, net: MultiPathConfig, recipe: TrainRecipe, p_values: Sequence[float], seed: int,
+               device: torch.device, baseline: str = "resnet", baseline_steps: Optional[int] = None) -> TaskRun:
+    """Train the FLOPs-matched baseline, stage I once, then stage II from the stage-I weights for every p in
+    ``p_values``, all on the embedded train photos with ``task.train``. ``baseline``: ``resnet`` (the static
+    network, every block on its longest path, trained as such) or ``dncnn`` (a plain DnCNN whose depth matches
+    the longest path's FLOPs); ``baseline_steps`` defaults to ``recipe.stage1_steps``."""
     from . import data, models
 
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline: expected one of {', '.join(BASELINES)}, got {baseline!r}")
+    steps = recipe.stage1_steps if baseline_steps is None else int(baseline_steps)
     imgs = data.embedded_images("train")
-    r = prof.recipe
-    sampler = data.PatchSampler(imgs, r.patch_size, r.batch_size, device)
+    sampler = data.PatchSampler(imgs, recipe.patch_size, recipe.batch_size, device)
     distort = lambda c, g: task.train(c, g)  # noqa: E731
     log: List[dict] = []
     wall: Dict[str, float] = {}
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    if prof.baseline == "dncnn":
-        dn = models.build("dncnn", nf=prof.net.nf, depth=matched_dncnn_depth(prof.net),
-                          residual=prof.net.global_skip).to(device)
-        train_dncnn(dn, sampler, distort, prof.dncnn_steps, r.lr, make_generator(seed, device), log)
+    if baseline == "dncnn":
+        dn = models.build("dncnn", nf=net.nf, depth=matched_dncnn_depth(net), residual=net.global_skip).to(device)
+        train_dncnn(dn, sampler, distort, steps, recipe.lr, make_generator(seed, device), log)
     else:
-        static = PathRestore(prof.net).to(device)
-        last = len(prof.net.path_blocks) - 1
-        train_stage1(static, sampler, distort, r, make_generator(seed, device), log, fixed_path=last,
-                     steps=prof.dncnn_steps)
+        static = PathRestore(net).to(device)
+        last = len(net.path_blocks) - 1
+        train_stage1(static, sampler, distort, recipe, make_generator(seed, device), log, fixed_path=last,
+                     steps=steps)
         dn = FixedPaths(static.eval(), last)
     wall["dncnn"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    s1 = PathRestore(prof.net).to(device)
-    train_stage1(s1, sampler, distort, r, make_generator(seed, device), log)
+    s1 = PathRestore(net).to(device)
+    train_stage1(s1, sampler, distort, recipe, make_generator(seed, device), log)
     s1.eval()
     wall["stage1"] = time.perf_counter() - t0
     by_p = {}
-    for k, p in enumerate(prof.p_grid[task.name]):
+    for k, p in enumerate(p_values):
         t0 = time.perf_counter()
         m = copy.deepcopy(s1)
-        train_stage2(m, sampler, distort, r, p, make_generator(seed + 7919 * (k + 1), device), log)
+        train_stage2(m, sampler, distort, recipe, p, make_generator(seed + 7919 * (k + 1), device), log)
         by_p[p] = m.eval()
         wall[f"stage2 p={p:g}"] = time.perf_counter() - t0
     return TaskRun(task, dn, s1, by_p, log, wall)
@@ -701,215 +688,3 @@ class FixedPaths(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = torch.full((x.shape[0], self.net.cfg.num_blocks), self.path, dtype=torch.long, device=x.device)
         return self.net.rollout(x, "fixed", actions=a).output
-
-
-def _label_key(label: str) -> str:
-    return "linear" if label.startswith("linear") else "peaks" if label.startswith("peaks") else label
-
-
-def path_restore_experiment(profile: str = "quick", seed: int = 0, device: str = "auto",
-                            tasks_: Optional[Sequence[str]] = None, return_runs: bool = False) -> Dict[str, Any]:
-    """Path-Restore vs a FLOPs-matched DnCNN-like network (same data, same steps): PSNR and mean FLOPs per 63x63
-    region on the test photos, the PSNR-FLOPs curve over p (p chosen on validation), path maps, and claims."""
-    from . import data
-    from .experiments import check_profile, direction_claim, numeric_claim
-
-    check_profile(profile)
-    prof = PROFILES[profile]
-    dev = resolve_device(device)
-    if prof.threads and dev.type == "cpu":
-        torch.set_num_threads(min(prof.threads, torch.get_num_threads()))
-    test = data.embedded_images("test", max_side=prof.eval_side)
-    val = data.embedded_images("val", max_side=prof.eval_side)
-    t = flop_table(prof.net)
-    dn_flops_probe = None
-    results: Dict[str, Any] = {"curve": [], "selected": {}, "test": [], "path_maps": {}, "wall_s": {}}
-    claims = []
-    runs = {}
-    for task in tasks(tasks_ or prof.tasks):
-        run = train_task(task, prof, seed, dev)
-        base = BASELINE_NAMES[prof.baseline]
-        runs[task.name] = run
-        results["wall_s"][task.name] = {k: round(v, 1) for k, v in run.wall.items()}
-        dn_flops = measured_flops(run.dncnn, torch.zeros(1, 3, REGION, REGION, device=dev))
-        dn_flops_probe = dn_flops
-        cands = {f"PR p={p:g}": m for p, m in run.by_p.items()}
-        cands["multi-path, all longest"] = FixedPaths(run.stage1, len(prof.net.path_blocks) - 1)
-        cands["multi-path, all bypass"] = FixedPaths(run.stage1, 0)
-        fixed_flops = {"multi-path, all longest": t.longest, "multi-path, all bypass": t.shortest,
-                       base: dn_flops}
-        # validation: choose p (largest FLOPs saving whose PSNR is within tol of the DnCNN)
-        vrows = evaluate_regions({base: run.dncnn, **cands}, val, task.val, seed + 555, dev, fixed_flops)
-        vmean = _means(vrows)
-        dn_val = vmean[base]["psnr"]
-        ok = [(v["gflops"], k) for k, v in vmean.items() if k.startswith("PR ") and v["psnr"] >= dn_val - prof.tol_db]
-        chosen = min(ok)[1] if ok else max((v["psnr"], k) for k, v in vmean.items() if k.startswith("PR "))[1]
-        keep: Dict[Any, RegionResult] = {}
-        trows = evaluate_regions({base: run.dncnn, **cands}, test, task.test, seed + 999, dev, fixed_flops, keep)
-        tmean = _means(trows)
-        for k, v in tmean.items():
-            results["curve"].append({"task": task.name, "method": k, "val_psnr": vmean[k]["psnr"],
-                                     "test_psnr": v["psnr"], "gflops": v["gflops"],
-                                     "complex_paths": v["complex_paths"],
-                                     "p": float(k.split("=")[1]) if k.startswith("PR ") else None})
-        for r in trows:
-            results["test"].append({"task": task.name, **r})
-        results["selected"][task.name] = {"method": chosen, "matched_on_val": bool(ok),
-                                          "val_psnr": vmean[chosen]["psnr"], "val_psnr_dncnn": dn_val}
-        # path maps of the first test image for every p and test distortion (region grids)
-        for (name, label, i), res in keep.items():
-            if name.startswith("PR ") and i == 0 and isinstance(res, RegionResult):
-                results["path_maps"].setdefault(task.name, {}).setdefault(name, {})[label] = {
-                    "grid": res.path_map().tolist(), "region": list(res.region), "stride": STRIDE,
-                    "positions": [list(q) for q in res.positions]}
-        # claims
-        per_img = {(r["method"], r["distortion"], r["image"]): r for r in trows}
-        labels = list(task.test)
-        gain_sel = 1 - tmean[chosen]["gflops"] / tmean[base]["gflops"]
-        speed_sel = tmean[base]["gflops"] / tmean[chosen]["gflops"] - 1
-        dpsnr = [per_img[(chosen, lab, i)]["psnr"] - per_img[(base, lab, i)]["psnr"]
-                 for lab in labels for i in range(len(test))]
-        results["selected"][task.name].update({"flops_saving": gain_sel, "speedup": speed_sel,
-                                               "test_dpsnr_mean": float(np.mean(dpsnr))})
-        if task.name == "denoise":
-            for lab in labels:
-                key = _label_key(lab)
-                claims.append(numeric_claim(
-                    f"[denoise] PSNR gap Path-Restore ({chosen}) - DnCNN at {lab} (paper: CBSD68 {key}; ours: "
-                    f"embedded test photos)", SEED_TABLE["path_restore"][key] - SEED_TABLE["dncnn"][key],
-                    [per_img[(chosen, lab, i)]["psnr"] - per_img[(base, lab, i)]["psnr"]
-                     for i in range(len(test))], tol=0.1, source="seed 004, 'Comparison with DnCNN' table",
-                    note="per-image gaps; tolerance ±0.1 dB").as_dict())
-        paper_speed = SEED_TABLE["dncnn"]["gflops"] / SEED_TABLE["path_restore"]["gflops"] - 1
-        matched = abs(float(np.mean(dpsnr))) <= 0.1 or float(np.mean(dpsnr)) > 0
-        verdict_ok = matched and speed_sel > 0.25
-        claims.append({"claim": f"[{task.name}] Path-Restore >25% faster than DnCNN (DnCNN FLOPs / PR FLOPs - 1) at "
-                                f"comparable PSNR (test mean gap {np.mean(dpsnr):+.3f} dB, |gap|<=0.1 or better)",
-                       "paper": round(paper_speed, 3), "ours": round(speed_sel, 3),
-                       "verdict": "reproduced" if verdict_ok else "not reproduced at this scale", "spread": None,
-                       "note": f"baseline: {base}; FLOPs saving 1 - PR/baseline = {gain_sel:.3f} (paper {1 - 4.22 / 5.31:.3f}); p chosen "
-                               f"on val: {chosen} ({'matched' if ok else 'NOT matched'} within {prof.tol_db} dB)",
-                       "source": "seed 004, 'Comparison with DnCNN' (5.31G vs 4.22G)"})
-        # difficulty: more complex paths where the local input error is larger
-        corrs = []
-        for (name, label, i), res in keep.items():
-            if name == chosen and isinstance(res, RegionResult) and res.actions is not None:
-                x_reg, _, _ = extract_regions(keep[("__input__", label, i)])
-                g_reg, _, _ = extract_regions(test[i][None].to(dev))
-                err = per_sample_mse(x_reg, g_reg).cpu().numpy()
-                n = (res.actions > 0).sum(1).cpu().numpy().astype(float)
-                if n.std() > 0 and err.std() > 0:
-                    corrs.append(float(np.corrcoef(n, err)[0, 1]))
-        claims.append(direction_claim(f"[{task.name}] harder regions (larger input MSE) take more complex paths "
-                                      f"(Pearson r per image/distortion, {chosen})", None,
-                                      corrs if corrs else [0.0],
-                                      source="seed 004, 'Difficulty-regulated reward' slide",
-                                      note=f"{len(corrs)} image/distortion pairs with varying paths").as_dict())
-    results["flops"] = {"per_region": f"{REGION}x{REGION}", "network_longest": t.longest,
-                        "network_shortest": t.shortest, "pathfinder_per_block": t.pathfinder_step,
-                        "pathfinder_share": pathfinder_share(prof.net), "dncnn": dn_flops_probe,
-                        "dncnn_depth": matched_dncnn_depth(prof.net),
-                        "pathfinder_share_paper_config": pathfinder_share(MultiPathConfig())}
-    share_ref, share_ours = pathfinder_share(MultiPathConfig()), pathfinder_share(prof.net)
-    claims.append({"claim": "pathfinder < 3% of the network's computation (FLOPs share with every block on the long "
-                            "path; reference configuration nf=64, 6 blocks, 63x63 region)", "paper": 0.03,
-                   "ours": round(share_ref, 4), "spread": None,
-                   "verdict": "reproduced" if share_ref < 0.03 else "not reproduced at this scale",
-                   "note": f"this profile's network (nf={prof.net.nf}): {share_ours:.4f}",
-                   "source": "seed 004, 'Pathfinder' slide"})
-    out = {"config": {"profile": profile, "net": asdict(prof.net), "recipe": asdict(prof.recipe),
-                      "dncnn_steps": prof.dncnn_steps, "p_grid": {k: list(v) for k, v in prof.p_grid.items()},
-                      "eval_side": prof.eval_side, "tol_db": prof.tol_db, "seed": seed,
-                      "baseline": BASELINE_NAMES[prof.baseline],
-                      "test_images": data.embedded_names("test"), "val_images": data.embedded_names("val"),
-                      "tasks": {tk.name: {"train": tk.train.label, "test": list(tk.test)}
-                                for tk in tasks(tasks_ or prof.tasks)},
-                      "paper_table": SEED_TABLE},
-           "tables": results, "claims": claims}
-    if return_runs:
-        out["_runs"] = runs
-    return out
-
-
-def _means(rows: List[dict]) -> Dict[str, Dict[str, float]]:
-    import pandas as pd
-
-    df = pd.DataFrame(rows)
-    g = df.groupby("method", sort=False)
-    return {m: {"psnr": float(d["psnr"].mean()), "gflops": float(d["gflops"].mean()),
-                "complex_paths": None if d["complex_paths"].isna().all() else float(d["complex_paths"].mean())}
-            for m, d in g}
-
-
-# ---------------------------------------------------------------------------------------------- plotting
-def plot_curve(results: Dict[str, Any], task: str = "denoise", ax=None):
-    """PSNR (test mean) vs mean GFLOPs per 63x63 region: Path-Restore over p, the DnCNN and the fixed paths."""
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in results["tables"]["curve"] if r["task"] == task]
-    if not rows:
-        raise KeyError(f"no curve for task {task!r}; tasks: {sorted({r['task'] for r in results['tables']['curve']})}")
-    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
-    pr = sorted([r for r in rows if r["p"] is not None], key=lambda r: r["gflops"])
-    ax.plot([r["gflops"] for r in pr], [r["test_psnr"] for r in pr], "o-", label="Path-Restore (p varies)")
-    for r in pr:
-        ax.annotate(f"p={r['p']:g}", (r["gflops"], r["test_psnr"]), fontsize=7, textcoords="offset points",
-                    xytext=(3, 3))
-    for r in rows:
-        if r["p"] is None:
-            ax.plot(r["gflops"], r["test_psnr"], "x" if r["method"].startswith("multi-path") else "s",
-                    label=r["method"])
-    ax.set_xlabel("mean GFLOPs per 63x63 region")
-    ax.set_ylabel("test PSNR (dB)")
-    ax.set_title(f"{task}: PSNR vs computation")
-    ax.legend(fontsize=7)
-    return ax
-
-
-def path_map_overlay(results: Dict[str, Any], image: torch.Tensor, task: str = "denoise",
-                     method: Optional[str] = None, distortion: Optional[str] = None) -> np.ndarray:
-    """An (H,W) map: for every pixel, the mean number of complex paths over the regions covering it."""
-    maps = results["tables"]["path_maps"][task]
-    method = method or next(iter(maps))
-    if method not in maps:
-        raise KeyError(f"unknown method {method!r}; valid: {', '.join(maps)}")
-    per = maps[method]
-    distortion = distortion or next(iter(per))
-    if distortion not in per:
-        raise KeyError(f"unknown distortion {distortion!r}; valid: {', '.join(per)}")
-    m = per[distortion]
-    h, w = image.shape[-2:]
-    acc, cnt = np.zeros((h, w)), np.zeros((h, w))
-    grid = np.asarray(m["grid"])
-    tops = sorted({t for t, _ in m["positions"]})
-    lefts = sorted({l for _, l in m["positions"]})
-    rh, rw = m["region"]
-    for t, l in m["positions"]:
-        acc[t:t + rh, l:l + rw] += grid[tops.index(t), lefts.index(l)]
-        cnt[t:t + rh, l:l + rw] += 1
-    return acc / np.maximum(cnt, 1)
-
-
-def show_path_map(results: Dict[str, Any], image: torch.Tensor, p_index: int = 0, task: str = "denoise",
-                  distortion: Optional[str] = None):
-    """Widget body: the test image and its path-selection map (complex paths per region) for the p_index-th p."""
-    import matplotlib.pyplot as plt
-
-    maps = results["tables"]["path_maps"][task]
-    methods = list(maps)
-    if not 0 <= p_index < len(methods):
-        raise IndexError(f"p_index must be in [0, {len(methods) - 1}], got {p_index}")
-    method = methods[p_index]
-    distortion = distortion or next(iter(maps[method]))
-    pm = path_map_overlay(results, image, task, method, distortion)
-    nmax = results["config"]["net"]["num_blocks"]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
-    axes[0].imshow(image.permute(1, 2, 0).clamp(0, 1).cpu().numpy())
-    axes[0].set_title("clean test image")
-    im = axes[1].imshow(pm, vmin=0, vmax=nmax, cmap="viridis")
-    axes[1].set_title(f"{method}, {distortion}\ncomplex paths per region", fontsize=9)
-    fig.colorbar(im, ax=axes[1], fraction=0.046)
-    for a in axes:
-        a.axis("off")
-    fig.tight_layout()
-    return fig

@@ -1,5 +1,5 @@
-"""The RL-Restore agent and deep Q-learning (Yu et al., CVPR'18), plus the baselines and the ``rl-restore``
-experiment.
+"""The RL-Restore agent and deep Q-learning (Yu et al., CVPR'18): the agent, episode replay, the DQN loss and loop,
+lockstep rollouts over chains of tools, random and oracle chains, joint fine-tuning and whole-image voting.
 
 Agent: conv 9x9/2 -> 3 x conv 5x5/2 -> fc, concatenated with the previous tool's one-hot, into an LSTM whose state
 is kept through the episode, then 13 Q-values (12 tools + STOP). Training is DRQN-style: whole episodes (<= 3 steps)
@@ -8,13 +8,18 @@ are replayed, and the Huber loss is taken on the TD error
 with a target network synchronised every ``target_sync`` updates and an epsilon-greedy schedule.
 Episodes are collected in lockstep over a batch of patches; since tools are deterministic and states quantised to
 8 bits, every (patch, chain prefix) state is computed once and cached.
+
+The environment side (distortions, tools, the Gymnasium ``ToolchainEnv``) is :mod:`causalir.toolchain`, imported
+one way; :func:`rollout` is the batched form of ``ToolchainEnv.step`` (same rewards and terminations on the same
+chains, shown by ``tests/test_toolchain.py``). The ``rl-restore`` experiment is
+:mod:`causalir.experiments.rl_restore`.
 """
 from __future__ import annotations
 
 import copy
 import math
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -22,10 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .toolchain import (ACTION_NAMES, N_ACTIONS, N_TOOLS, PATCH, SEVERITIES, STOP, MixedDistortion,
-                        Toolbox, ToolboxConfig, ToolTrainConfig, fit_paired, make_patches, paired_set, patch_psnr,
-                        quantize, train_toolbox)
-from .utils import check_images, make_generator, resolve_device
+from .toolchain import ACTION_NAMES, N_ACTIONS, N_TOOLS, PATCH, STOP, Toolbox, patch_psnr, quantize
+from .train import TrainConfig, make_optimizer
+from .utils import check_images, make_generator
 
 
 # ---------------------------------------------------------------------------------------------- agent
@@ -366,7 +370,14 @@ def train_dqn(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, distorted
               seed: int = 0, val: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
               log: Optional[Callable[[Dict[str, Any]], None]] = None) -> Dict[str, Any]:
     """DRQN training on a pool of (clean, distorted) patches; keeps the agent best on ``val`` (clean, distorted).
-    Returns the history and counters; ``agent`` holds the chosen weights afterwards."""
+    Returns the history and counters; ``agent`` holds the chosen weights afterwards.
+
+    This loop stays outside :func:`causalir.train.fit` on purpose: its unit of work is an environment collection
+    (epsilon-greedy episodes into the replay) followed by ``updates_per_collect`` TD updates against a target
+    network synchronised every ``target_sync`` updates, with model selection by greedy policy evaluation on
+    ``val``; ``fit``'s step is one supervised batch from a patch sampler. The optimiser is
+    :func:`causalir.train.make_optimizer` (Adam at ``cfg.lr``, no schedule); gradients are clipped at
+    ``cfg.grad_clip``."""
     dev = next(agent.parameters()).device
     g = make_generator(seed, dev)
     gcpu = make_generator(seed + 1)
@@ -376,7 +387,7 @@ def train_dqn(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, distorted
     target = copy.deepcopy(agent).eval()
     for p in target.parameters():
         p.requires_grad_(False)
-    opt = torch.optim.Adam(agent.parameters(), lr=cfg.lr)
+    opt = make_optimizer(agent.parameters(), TrainConfig(lr=cfg.lr, schedule="constant"))
     replay = EpisodeReplay(cfg.replay, cfg.max_steps, tuple(clean.shape[1:]), dev)
     hist: List[Dict[str, Any]] = []
     updates = episodes = env_steps = 0
@@ -431,10 +442,14 @@ def train_dqn(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, distorted
 def joint_finetune(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, distorted: torch.Tensor, steps: int,
                    batch: int = 16, lr: float = 1e-4, seed: int = 0, max_steps: int = 3) -> List[float]:
     """Alg. 1 of the paper: freeze the agent, run its greedy chains, backpropagate the final MSE through the chain
-    and update every tool used with its gradient divided by its use count. Returns the losses."""
+    and update every tool used with its gradient divided by its use count. Returns the losses.
+
+    Outside :func:`causalir.train.fit` on purpose: each step first runs the frozen agent's greedy chains, and the
+    gradients are rescaled per tool (by its use count) between the backward pass and the optimiser step. The
+    optimiser is :func:`causalir.train.make_optimizer` (Adam at ``lr``)."""
     dev = next(toolbox.parameters()).device
     g = make_generator(seed)
-    opt = torch.optim.Adam(toolbox.parameters(), lr=lr)
+    opt = make_optimizer(toolbox.parameters(), TrainConfig(lr=lr, schedule="constant"))
     agent.eval()
     losses = []
     for _ in range(steps):
@@ -535,272 +550,3 @@ def tool_shares(actions: torch.Tensor) -> Dict[str, float]:
     out = {ACTION_NAMES[k]: float(cnt[k] / max(1, len(tools))) for k in range(N_TOOLS)}
     out["STOP (of decisions)"] = float((a == STOP).double().sum() / max(1, len(a)))
     return out
-
-
-# ------------------------------------------------------------------------------------------ experiment
-@dataclass(frozen=True)
-class RLProfile:
-    """Everything the ``rl-restore`` experiment runs with."""
-
-    tools: ToolboxConfig
-    tool_train: ToolTrainConfig
-    agent: AgentConfig
-    dqn: DQNConfig
-    dncnn: Dict[str, int]
-    dncnn_train: ToolTrainConfig
-    n_train: int = 256
-    n_val: int = 48
-    n_test: int = 48
-    oracle_beam: Optional[int] = 3
-    joint_steps: int = 0
-    joint_batch: int = 16
-    image_side: int = 126
-    seeds: int = 1
-
-
-PROFILES: Dict[str, RLProfile] = {
-    "quick": RLProfile(
-        tools=ToolboxConfig(small=(8, 4), large=(8, 4)),
-        tool_train=ToolTrainConfig(steps=30, batch_size=8, patch_size=24, n_data=64, lr=3e-3),
-        agent=AgentConfig(conv1=8, conv=8, fc=16, lstm=16),
-        dqn=DQNConfig(updates=120, batch_episodes=16, collect_episodes=16, updates_per_collect=4, replay=1024,
-                      learn_start=32, lr=1e-3, target_sync=30, eps_updates=90, val_every=30),
-        dncnn={"nf": 16, "depth": 6}, dncnn_train=ToolTrainConfig(steps=60, batch_size=8, patch_size=24, n_data=64,
-                                                                lr=3e-3),
-        n_train=64, n_val=16, n_test=16, oracle_beam=1, joint_steps=4, joint_batch=8, image_side=126),
-    "medium": RLProfile(
-        tools=ToolboxConfig(),
-        tool_train=ToolTrainConfig(steps=600, batch_size=16, patch_size=32, n_data=640, lr=2e-3),
-        agent=AgentConfig(conv1=16, conv=16, fc=32, lstm=50),
-        dqn=DQNConfig(updates=800, batch_episodes=16, collect_episodes=16, updates_per_collect=4, replay=4096,
-                      learn_start=64, lr=5e-4, target_sync=50, eps_updates=600, val_every=100, cache_cap=40000),
-        dncnn={"nf": 32, "depth": 12},
-        dncnn_train=ToolTrainConfig(steps=1500, batch_size=16, patch_size=32, n_data=640, lr=1e-3),
-        n_train=256, n_val=24, n_test=24, oracle_beam=2, joint_steps=40, joint_batch=8, image_side=126),
-    "full": RLProfile(
-        tools=ToolboxConfig(),
-        tool_train=ToolTrainConfig(steps=320_000, batch_size=64, patch_size=63, n_data=200_000, lr=1e-4),
-        agent=AgentConfig(),
-        dqn=DQNConfig(updates=500_000, batch_episodes=32, collect_episodes=4, updates_per_collect=1,
-                      replay=170_000, learn_start=5000, lr=1e-4, target_sync=2500, eps_updates=250_000,
-                      val_every=1000, end_on_drop=True, cache_cap=2_000_000),
-        dncnn={"nf": 64, "depth": 20},
-        dncnn_train=ToolTrainConfig(steps=320_000, batch_size=64, patch_size=63, n_data=200_000, lr=1e-4),
-        n_train=100_000, n_val=1000, n_test=3000, oracle_beam=None, joint_steps=200_000, joint_batch=64,
-        image_side=1024, seeds=3),
-}
-
-PAPER = {"RL-Restore": {"mild": 28.04, "moderate": 26.45, "severe": 25.20},
-         "DnCNN": {"mild": 28.03, "moderate": 26.42, "severe": 24.99},
-         "VDSR": {"mild": 28.04, "moderate": 26.40, "severe": 24.90}}
-PAPER_COST = {"DnCNN params": 6.67e5, "DnCNN MAC/patch": 2.65e9, "agent MAC/step": 1.4e7,
-              "worst chain MAC": 6.5e8}
-
-
-def _profile(profile: str, overrides: Dict[str, Any]) -> RLProfile:
-    from .experiments import check_profile
-
-    p = PROFILES[check_profile(profile)]
-    for k, v in overrides.items():
-        if not hasattr(p, k):
-            raise KeyError(f"unknown override {k!r}; valid: {', '.join(RLProfile.__dataclass_fields__)}")
-        cur = getattr(p, k)
-        if isinstance(v, dict) and not isinstance(cur, dict):
-            v = replace(cur, **v)
-        p = replace(p, **{k: v})
-    return p
-
-
-def run_experiment(profile: str = "quick", seed: int = 0, device: str = "auto", return_models: bool = False,
-                   log: Optional[Callable[[str], None]] = None, threads: Optional[int] = None,
-                   **overrides: Any) -> Dict[str, Any]:
-    """Tools, DnCNN and agent trained on moderate mixed distortions (train photos; agent chosen on val);
-    PSNR / MACs on test patches at mild / moderate / severe and on whole test images (voting).
-    ``threads`` sets torch's CPU threads for the run (1 is fastest on a crowded shared CPU)."""
-    if threads:
-        torch.set_num_threads(int(threads))
-    import pandas as pd
-
-    from . import models
-    from .data import embedded_images, embedded_names
-    from .experiments import direction_claim, numeric_claim
-
-    P = _profile(profile, overrides)
-    dev = resolve_device(device)
-    say = log or (lambda s: None)
-    timings: Dict[str, float] = {}
-    t0, c0 = time.perf_counter(), time.process_time()
-    train_imgs, val_imgs, test_imgs = (embedded_images(s) for s in ("train", "val", "test"))
-
-    torch.manual_seed(seed)
-    box = Toolbox(P.tools).to(dev)
-    tool_recs = train_toolbox(box, train_imgs, P.tool_train, seed, dev)
-    timings["tools"] = time.perf_counter() - t0
-    say(f"tools trained in {timings['tools']:.0f}s")
-
-    t1 = time.perf_counter()
-    torch.manual_seed(seed)
-    dncnn = models.build("dncnn", **P.dncnn).to(dev)
-    dc, dd = paired_set(train_imgs, "moderate", P.dncnn_train.n_data, P.dncnn_train.patch_size, seed + 77)
-    fit_paired(dncnn, dc, dd, P.dncnn_train, seed, dev)
-    dncnn.eval()
-    timings["dncnn"] = time.perf_counter() - t1
-    say(f"DnCNN trained in {timings['dncnn']:.0f}s")
-
-    t1 = time.perf_counter()
-    tr_c, tr_d = make_patches(train_imgs, P.n_train, "moderate", seed + 11, device=dev)
-    va_c, va_d = make_patches(val_imgs, P.n_val, "moderate", seed + 12, device=dev)
-    test = {s: make_patches(test_imgs, P.n_test, s, 1000 + seed + i, device=dev, crop_seed=999 + seed)
-            for i, s in enumerate(SEVERITIES)}      # the same clean test patches at every severity
-    single, single_scores = best_single_tool(box, va_d, va_c)
-    torch.manual_seed(seed)
-    agent = ToolAgent(P.agent).to(dev)
-    dqn = train_dqn(agent, box, tr_c, tr_d, P.dqn, seed, val=(va_c, va_d),
-                    log=lambda r: say(f"dqn {r['update']}: val {r.get('val_psnr', float('nan')):.2f} eps "
-                                      f"{r['epsilon']} loss {r['loss']:.4f}"))
-    timings["agent"] = time.perf_counter() - t1
-    say(f"agent trained in {timings['agent']:.0f}s")
-
-    # ---- costs
-    tool_macs = box.macs(PATCH)
-    a_mac = agent_macs(agent, PATCH)
-    dn_mac = models.count_flops(dncnn, (1, 3, PATCH, PATCH)) // 2
-    params = {"toolbox": int(sum(box.params())), "agent": models.count_params(agent),
-              "DnCNN": models.count_params(dncnn), "small tool": box.params()[0], "large tool": box.params()[2]}
-
-    # ---- patches
-    t1 = time.perf_counter()
-    rows, shares, examples, oracle_info = [], {}, {}, {}
-    gen = make_generator(seed + 5, dev)
-
-    def add(method: str, sev: str, y: torch.Tensor, gt: torch.Tensor, macs) -> None:
-        ps = patch_psnr(quantize(y), gt).tolist()
-        m = macs.tolist() if isinstance(macs, torch.Tensor) else [float(macs)] * len(ps)
-        rows.extend({"method": method, "severity": sev, "patch": i, "psnr": p, "macs": mm}
-                    for i, (p, mm) in enumerate(zip(ps, m)))
-
-    for sev, (c, d) in test.items():
-        add("input", sev, d, c, 0.0)
-        add(f"best single tool ({ACTION_NAMES[single]})", sev, box.apply([single], d), c, tool_macs[single])
-        rc = random_chains(box, d, c, gen)
-        add("random chain (3 tools)", sev, rc.steps[-1], c, chain_macs(rc.actions, tool_macs))
-        ep = greedy_chains(agent, box, d, c, P.dqn.max_steps)
-        add("RL-Restore (agent)", sev, ep.steps[-1], c, chain_macs(ep.actions, tool_macs, a_mac))
-        shares[sev] = tool_shares(ep.actions)
-        examples[sev] = [{"patch": i, "tools": [ACTION_NAMES[a] for a in ep.actions[i].tolist() if a >= 0],
-                          "psnr": [round(float(v), 2) for v in ep.psnr[i].tolist()]} for i in range(4)]
-        ob, och, runs = oracle_chains(box, d, c, P.dqn.max_steps, P.oracle_beam)
-        add("oracle chain (search)", sev, ob, c, torch.tensor([sum(tool_macs[k] for k in ch) for ch in och]))
-        oracle_info[sev] = {"tool_runs": runs, "mean_length": float(np.mean([len(ch) for ch in och]))}
-        with torch.no_grad():
-            add(f"DnCNN-like ({P.dncnn['depth']}x{P.dncnn['nf']})", sev, dncnn(d).clamp(0, 1), c, dn_mac)
-    timings["eval_patches"] = time.perf_counter() - t1
-
-    # ---- joint fine-tuning through chains (tools change, so it is evaluated as its own row)
-    joint = None
-    if P.joint_steps:
-        t1 = time.perf_counter()
-        box_j = copy.deepcopy(box)
-        losses = joint_finetune(agent, box_j, tr_c, tr_d, P.joint_steps, P.joint_batch, 1e-4, seed)
-        for sev, (c, d) in test.items():
-            ep = greedy_chains(agent, box_j, d, c, P.dqn.max_steps)
-            add("RL-Restore + joint fine-tuning", sev, ep.steps[-1], c, chain_macs(ep.actions, tool_macs, a_mac))
-        joint = {"steps": P.joint_steps, "loss_first": losses[0] if losses else None,
-                 "loss_last": losses[-1] if losses else None}
-        timings["joint"] = time.perf_counter() - t1
-
-    df = pd.DataFrame(rows)
-    summary = df.groupby(["method", "severity"], sort=False).agg(psnr=("psnr", "mean"), psnr_std=("psnr", "std"),
-                                                                  macs=("macs", "mean")).reset_index()
-    table = summary.pivot(index="method", columns="severity", values="psnr")[list(SEVERITIES)]
-    table = table.loc[list(dict.fromkeys(df.method))]
-    macs = summary.groupby("method", sort=False)["macs"].mean()
-
-    # ---- whole images (voting)
-    t1 = time.perf_counter()
-    from .data import center_crop
-
-    names_ = embedded_names("test")
-    img_rows = []
-    for j, sev in enumerate(SEVERITIES):
-        md = MixedDistortion(sev)
-        for i, img in enumerate(test_imgs):
-            gt = center_crop(img, P.image_side).to(dev)[None]
-            x = md(gt, make_generator(2000 + 31 * j + i, dev))
-            r = restore_image(agent, box, x[0], P.dqn.max_steps)
-            with torch.no_grad():
-                outs = {"input": x, "RL-Restore (voting)": r["image"][None],
-                        f"best single tool ({ACTION_NAMES[single]})": box.apply([single], x),
-                        "DnCNN-like": dncnn(x).clamp(0, 1)}
-            for m, y in outs.items():
-                img_rows.append({"method": m, "severity": sev, "image": names_[i],
-                                 "psnr": float(patch_psnr(quantize(y), gt)), "chain": "+".join(r["tools"])
-                                 if m.startswith("RL") else ""})
-    img_df = pd.DataFrame(img_rows)
-    img_table = img_df.pivot_table(index="method", columns="severity", values="psnr", aggfunc="mean")
-    img_table = img_table.loc[list(dict.fromkeys(img_df.method)), list(SEVERITIES)]
-    timings["eval_images"] = time.perf_counter() - t1
-
-    # ---- claims
-    rl = table.loc["RL-Restore (agent)"]
-    dn = table.loc[[m for m in table.index if m.startswith("DnCNN")][0]]
-    sg = table.loc[[m for m in table.index if m.startswith("best single")][0]]
-    rnd = table.loc["random chain (3 tools)"]
-    src = "seed 004 / reference §7 (Table 3, DIV2K patches)"
-    claims = []
-    for sev in SEVERITIES:
-        claims.append(numeric_claim(f"RL-Restore PSNR, {sev} (paper: DIV2K; ours: embedded test patches)",
-                                    PAPER["RL-Restore"][sev], [rl[sev]], tol=1.0, source=src).as_dict())
-    for sev in SEVERITIES:
-        gap = PAPER["RL-Restore"][sev] - PAPER["DnCNN"][sev]
-        claims.append(numeric_claim(f"RL-Restore minus DnCNN, {sev} (dB)", round(gap, 2), [rl[sev] - dn[sev]],
-                                    tol=0.3, source=src).as_dict())
-    claims.append(direction_claim("RL-Restore beats the best single tool (mild, moderate, severe)", None,
-                                  [rl[s] - sg[s] for s in SEVERITIES],
-                                  note="one value per severity; sign must hold for all three",
-                                  over="severity").as_dict())
-    claims.append(direction_claim("RL-Restore beats a random 3-tool chain (mild, moderate, severe)", None,
-                                  [rl[s] - rnd[s] for s in SEVERITIES],
-                                  note="one value per severity; sign must hold for all three",
-                                  over="severity").as_dict())
-    rl_mac = float(macs["RL-Restore (agent)"])
-    claims.append(direction_claim("RL-Restore needs fewer MACs per patch than the DnCNN-like CNN (DnCNN - RL, GMAC)",
-                                  (PAPER_COST["DnCNN MAC/patch"] - PAPER_COST["worst chain MAC"]) / 1e9,
-                                  [(dn_mac - rl_mac) / 1e9],
-                                  note=f"ours: RL mean {rl_mac / 1e6:.0f}M vs DnCNN {dn_mac / 1e6:.0f}M MAC/patch; "
-                                       "paper side derived from layer shapes (reference §7)").as_dict())
-
-    cost = pd.DataFrame({"mean MAC/patch": macs})
-    cost["params"] = None
-    for m in cost.index:
-        if m.startswith("RL-Restore"):
-            cost.loc[m, "params"] = params["toolbox"] + params["agent"]
-        elif m.startswith("DnCNN"):
-            cost.loc[m, "params"] = params["DnCNN"]
-        elif m.startswith("best single"):
-            cost.loc[m, "params"] = box.params()[single]
-        elif m != "input":
-            cost.loc[m, "params"] = params["toolbox"]
-    timings["total"] = time.perf_counter() - t0
-    timings["total_cpu"] = time.process_time() - c0
-    res: Dict[str, Any] = {
-        "config": {"profile": asdict(P), "seed": seed, "device": str(dev), "patch": PATCH,
-                   "severities": {k: list(v) for k, v in SEVERITIES.items()},
-                   "train": "moderate only (tools: own band); mild and severe unseen",
-                   "images": {"train": embedded_names("train"), "val": embedded_names("val"), "test": names_},
-                   "best_single_tool_chosen_on_val": ACTION_NAMES[single],
-                   "val_single_tool_psnr": dict(zip(ACTION_NAMES, single_scores))},
-        "tables": {"patch_psnr": table.reset_index().to_dict(orient="records"),
-                   "patch_summary": summary.to_dict(orient="records"),
-                   "image_psnr": img_table.reset_index().to_dict(orient="records"),
-                   "image_rows": img_df.to_dict(orient="records"),
-                   "cost": cost.reset_index().rename(columns={"index": "method"}).to_dict(orient="records"),
-                   "paper": PAPER, "paper_cost": PAPER_COST,
-                   "tool_shares": shares, "examples": examples, "oracle": oracle_info},
-        "params": params, "macs": {"tools": tool_macs, "agent_per_step": a_mac, "DnCNN": dn_mac},
-        "tools": tool_recs, "dqn": dqn, "joint": joint,
-        "timings_s": {k: round(v, 1) for k, v in timings.items()}, "claims": claims}
-    if return_models:
-        res["_models"] = {"toolbox": box, "agent": agent, "dncnn": dncnn, "test": test, "val": (va_c, va_d),
-                          "single": single}
-    return res

@@ -9,7 +9,8 @@ in which an agent crafts a toolchain (at most 3 tools, or STOP) for one 63x63 pa
 * Environment: observation = current image + one-hot of the previous tool, actions = 12 tools + STOP, reward
   r_t = PSNR(x_t, gt) - PSNR(x_{t-1}, gt) (dB), at most 3 steps. Registered as ``causalir/Toolchain-v0``.
 
-The agent and deep Q-learning live in :mod:`causalir.rl`; the experiment function is at the end of this module.
+The agent and deep Q-learning live in :mod:`causalir.rl` (which imports this module, never the reverse); the
+``rl-restore`` experiment lives in :mod:`causalir.experiments.rl_restore`.
 """
 from __future__ import annotations
 
@@ -302,70 +303,15 @@ def paired_set(images: Sequence[torch.Tensor], spec_or_severity, n: int, patch: 
 
 def fit_paired(model: nn.Module, clean: torch.Tensor, dist: torch.Tensor, cfg: ToolTrainConfig, seed: int,
                device: str | torch.device = "cpu"):
-    """Train on a fixed paired set through causalir.train.fit (MSE, Adam, cosine), the suite's one loop."""
+    """Train on a fixed paired set with :class:`causalir.train.PairedMSE` through :func:`causalir.train.fit`, the
+    suite's one loop: per step ``batch_size`` random pairs, a random dihedral transform, the MSE ||f(y) - x||^2,
+    Adam, cosine schedule. The strategy owns its data, so ``fit`` gets no images and no distortions."""
     from . import train
 
-    strat = PairedMSE(clean, dist)
+    strat = train.PairedMSE(clean, dist)
     tcfg = train.TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, patch_size=max(8, clean.shape[-1]),
                              lr=cfg.lr, loss="l2", seed=seed, device=str(device), progress=False)
-    sampler = PatchSampler([clean[0]], clean.shape[-1], 1, device, augment=False)
-    return train.fit(model, strat, sampler, [dz.Identity()], tcfg)
-
-
-def _register_paired_strategy():
-    from .train import STRATEGIES, Strategy, make_optimizer, make_scheduler
-
-    class _PairedMSE(Strategy):
-        """Minibatches from a fixed paired set (precomputed distortions, e.g. JPEG encoded once), one Adam step on
-        the MSE ||f(y) - x||^2 per batch."""
-
-        name = "paired_mse"
-
-        def __init__(self, clean: torch.Tensor, dist: torch.Tensor) -> None:
-            if clean.shape != dist.shape:
-                raise ValueError(f"paired_mse: clean {tuple(clean.shape)} and distorted {tuple(dist.shape)} differ")
-            self.clean, self.dist = clean, dist
-
-        def configure(self, model, cfg):
-            self.opt = make_optimizer(model.parameters(), cfg)
-            self.sched = make_scheduler(self.opt, cfg)
-
-        def step(self, ctx):
-            dev = next(ctx.model.parameters()).device
-            idx = torch.randint(len(self.clean), (ctx.cfg.batch_size,), generator=ctx.generator,
-                                device=ctx.generator.device).cpu()
-            x, y = self.clean[idx].to(dev), self.dist[idx].to(dev)
-            t = torch.randint(8, (len(idx),), generator=ctx.generator, device=ctx.generator.device).to(dev)
-            from .data import dihedral
-
-            x, y = dihedral(x, t), dihedral(y, t)
-            loss = ctx.loss_fn(ctx.model(y), x)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            self.sched.step()
-            ctx.counters.images_forwarded += len(idx)
-            ctx.counters.images_backpropagated += len(idx)
-            return {"loss": float(loss.detach())}
-
-        def describe(self):
-            return {"name": self.name, "n": len(self.clean)}
-
-    if "paired_mse" not in STRATEGIES.names():
-        STRATEGIES.register("paired_mse")(_PairedMSE)
-    return _PairedMSE
-
-
-PairedMSE = _register_paired_strategy()
-
-
-class _ToolView(nn.Module):
-    def __init__(self, box: Toolbox, i: int) -> None:
-        super().__init__()
-        self.tool = box.tools[i]
-
-    def forward(self, x):
-        return self.tool(x)
+    return train.fit(model, strat, None, (), tcfg)
 
 
 def train_toolbox(box: Toolbox, images: Sequence[torch.Tensor], cfg: ToolTrainConfig, seed: int = 0,
@@ -493,11 +439,3 @@ def register_env() -> str:
 
 
 register_env()
-
-
-
-def rl_restore_experiment(profile: str = "quick", seed: int = 0, device: str = "auto", **overrides: Any) -> Dict[str, Any]:
-    """The registered experiment ``rl-restore`` (implemented in :func:`causalir.rl.run_experiment`)."""
-    from .rl import run_experiment
-
-    return run_experiment(profile=profile, seed=seed, device=device, **overrides)

@@ -120,3 +120,11 @@ def test_an_estimate_with_its_own_se_decides_one_seed():
     assert C.effect("x", None, seeds=[0.1, 0.12], known=k).over == "seeds"  # seeds win when there are 2+
     with pytest.raises(ValueError, match="n must be >= 30"):
         C.from_se(0.1, 0.01, 5)
+
+
+def test_a_claim_without_evidence_is_inconclusive_and_shows_no_number():
+    c = C.effect("x", 1.0, seeds=[], units=[])
+    assert c.verdict == C.INCONCLUSIVE and "no evidence" in c.why and c.ours is None and c.n == 0
+    # a failed precondition is named before the missing evidence
+    c = C.effect("x", 1.0, units=[], require=[C.check("table", False, "no per-region table")])
+    assert c.why == "no per-region table"

@@ -1,5 +1,5 @@
 """DIL experiments: tiny end-to-end runs of the four registered experiments, equal budgets, validation-only
-selection, the records the notebooks render."""
+selection, the profile tables, the claims (through the claims grammar) and the records the notebooks render."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,18 +9,21 @@ import pytest
 import torch
 
 from causalir import dil, distortions, experiments
-from causalir import dil_experiments as X
+from causalir.experiments import claims as C
+from causalir.experiments import dil as X
+from causalir.experiments.profiles import select
 
 torch.set_num_threads(1)
 
 TINY = dict(budget=8, checkpoints=2, batch_size=2, patch_size=16, eval_side=32, val_side=32,
             model_cfg={"nf": 8, "nb": 1, "gc": 4})
+NAMES = ("dil-denoise", "dil-deblur", "dil-types", "dil-backbones")
 
 
 @pytest.fixture(scope="module")
 def denoise(tmp_path_factory):
     out = tmp_path_factory.mktemp("res")
-    return experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=out,
+    return experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=out, keep_models=True,
                            strategies=("erm", "dil_pf", "dil_sf_reference"), seeds=2,
                            sweep={"budget": 4, "alpha": [0.01, 0.1], "ref_meta_lr": [1e-3]}, **TINY)
 
@@ -30,14 +33,24 @@ def test_denoise_record_is_complete_and_written(denoise):
         saved = json.load(f)
     assert saved["experiment"] == "dil-denoise" and saved["profile"] == "quick"
     assert {"config", "tables", "claims", "curves", "provenance", "wall_time_s"} <= set(saved)
+    assert "models" not in saved                                     # kept models never reach the file
     assert saved["config"]["seeds"] == [0, 1]
     methods = {r["method"] for r in saved["tables"]["summary"]}
     assert methods == {"input", "ERM", "DIL-pf", "DIL-sf (released code)"}
-    # every claim has a computed verdict; the paper's numbers are the ones of seed 000
-    verdicts = {c["verdict"] for c in saved["claims"]}
-    assert verdicts <= {"reproduced", "not reproduced at this scale", "mixed across seeds"}
+    # every claim has a computed verdict of the grammar; the paper's numbers are the ones of seed 000
+    assert {c["verdict"] for c in saved["claims"]} <= set(C.VERDICTS)
     erm30 = next(c for c in saved["claims"] if c["claim"].startswith("ERM PSNR at unseen σ=30"))
-    assert erm30["paper"] == 24.90
+    assert erm30["paper"] == 24.90 and erm30["tolerance"] == "±1"
+    gain = next(c for c in saved["claims"] if c["claim"].startswith("DIL-pf beats ERM at unseen σ=50"))
+    assert gain["over"] == "seeds" and gain["n"] == 2                 # two seeds: per-seed differences
+    assert [p["name"] for p in gain["checks"]] == ["restorer", "restorer"]
+    assert experiments.rejudge(saved)["claims"] == saved["claims"]    # claims come from config + tables alone
+
+
+def test_keep_models_returns_the_last_seeds_models(denoise):
+    assert set(denoise["models"]) == {"ERM", "DIL-pf", "DIL-sf (released code)"}
+    assert all(isinstance(m, torch.nn.Module) for m in denoise["models"].values())
+    assert not hasattr(X, "LAST_MODELS")
 
 
 def test_equal_distorted_batch_budget_and_counters(denoise):
@@ -79,10 +92,10 @@ def test_notebook_helpers_render_the_record(denoise):
     net = torch.nn.Conv2d(3, 3, 1)
     ex = X.restore_examples({"id": net}, 30, side=32)
     assert set(ex) == {"clean", "input: noise σ=30", "id"} and ex["id"].shape == (1, 3, 32, 32)
-    fig = X.show_restorations(X.LAST_MODELS, "DIL-pf", 50, side=32)   # the widget's function
+    fig = X.show_restorations(denoise["models"], "DIL-pf", 50, side=32)   # the widget's function
     assert len(fig.axes) >= 4 and "dB" in fig.axes[2].get_title()
     with pytest.raises(KeyError, match="valid"):
-        X.show_restorations(X.LAST_MODELS, "DIL-zz", 50)
+        X.show_restorations(denoise["models"], "DIL-zz", 50)
     assert X.plot_sampling_diagram() is not None
 
 
@@ -91,46 +104,136 @@ def test_other_experiments_run_tiny(name, tmp_path):
     over = dict(TINY, budget=4, strategies=("erm", "dil_sf_reference"), checkpoints=1)
     if name == "dil-backbones":
         over.pop("model_cfg")
-    res = experiments.run(name, "quick", seed=0, device="cpu", out_dir=tmp_path, **over)
-    assert res["claims"] and all(c["verdict"] for c in res["claims"])
+        over["backbones"] = {"rrdb": {"nf": 8, "nb": 1, "gc": 4}, "swinir": {"preset": "tiny"}}
+    res = experiments.run(name, "quick", seed=0, device="cpu", out_dir=tmp_path, keep_models=True, **over)
+    assert res["claims"] and all(c["verdict"] in C.VERDICTS for c in res["claims"])
+    # one seed: the "beats ERM" claims use the paired per-image differences
+    assert all(c["over"] == "images" and c["n"] == 3 for c in res["claims"])
     methods = {r["method"] for r in res["tables"]["summary"]}
     if name == "dil-backbones":
         assert {"rrdb: ERM", "swinir: ERM", "swinir: DIL-sf (released code)"} <= methods
+        assert res["config"]["backbones"]["rrdb"] == {"nf": 8, "nb": 1, "gc": 4}
+        assert "backbones" not in res["config"]["profile"]
+        assert set(res["models"]) == {"rrdb: ERM", "rrdb: DIL-sf (released code)", "swinir: ERM",
+                                      "swinir: DIL-sf (released code)"}
     else:
-        assert "ERM" in methods
+        assert "ERM" in methods and set(res["models"]) == {"ERM", "DIL-sf (released code)"}
     if name == "dil-types":
         unseen = {d.label for d in distortions.distortion_set("types-dil").unseen}
         assert unseen <= {r["distortion"] for r in res["tables"]["summary"]}
         assert not unseen & set(res["config"]["val_select"])
 
 
-def test_profiles_and_overrides():
-    full = X.profile_for("dil-denoise", "full")
+def test_registered_experiments_and_their_tables():
+    for name, exp, profs in zip(NAMES, (X.DENOISE, X.DEBLUR, X.TYPES, X.BACKBONES),
+                                (X.PROFILES_DENOISE, X.PROFILES_DEBLUR, X.PROFILES_TYPES, X.PROFILES_BACKBONES)):
+        assert experiments.get(name) is exp and exp.profiles is profs and exp.source == X.SOURCE
+        assert set(profs) == {"quick", "medium", "full"}
+    assert X.DENOISE.paper is X.PAPER_DENOISE and X.BACKBONES.paper is X.PAPER_BACKBONES
+    assert not hasattr(X, "profile_for") and not hasattr(X, "BACKBONE_CFG")
+
+
+def _fields(p):
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(p).items()}
+
+
+def test_profiles_equal_the_old_per_name_branches():
+    """Literal values of what the old ``profile_for(experiment, profile)`` returned."""
+    med = X.PROFILES_DENOISE["medium"]
+    assert (med.budget, med.batch_size, med.seeds, med.alpha, med.ref_meta_lr) == (1600, 8, 2, 0.01, 3e-3)
+    assert (med.checkpoints, med.eval_side, med.n_distortions, med.lr) == (4, 128, 2, 1e-3)
+    assert med.sweep == {"budget": 64, "alpha": [0.01, 0.1], "ref_meta_lr": [1e-3, 3e-3]}
+    assert X.PROFILES_DENOISE["quick"] == X.DILProfile()
+    assert X.PROFILES_DENOISE["quick"].strategies == ("erm", "dil_pf", "dil_ps", "dil_sf", "dil_ss",
+                                                      "dil_sf_reference")
+    three = ("erm", "dil_sf", "dil_sf_reference")
+    for profs in (X.PROFILES_DEBLUR, X.PROFILES_TYPES, X.PROFILES_BACKBONES):
+        q, m = profs["quick"], profs["medium"]
+        assert q.strategies == three and (q.budget, q.seeds, q.checkpoints, q.eval_side, q.sweep) == (64, 1, 2, 96, {})
+        assert (m.budget, m.seeds, m.checkpoints, m.eval_side, m.sweep, m.batch_size) == (96, 1, 4, 128, {}, 4)
+    assert X.PROFILES_DEBLUR["medium"].strategies == ("erm", "dil_pf", "dil_sf", "dil_sf_reference")
+    assert X.PROFILES_TYPES["medium"].strategies == three and X.PROFILES_BACKBONES["medium"].strategies == three
+    assert X.PROFILES_TYPES["quick"].n_distortions is None and X.PROFILES_TYPES["medium"].n_distortions is None
+    assert X.PROFILES_DEBLUR["quick"].n_distortions == 2 and X.PROFILES_BACKBONES["medium"].n_distortions == 2
+    full = X.PROFILES_DENOISE["full"]
+    for profs in (X.PROFILES_DEBLUR, X.PROFILES_TYPES):
+        assert profs["full"] == full                                  # no per-name change at full
+    assert {k: v for k, v in _fields(X.PROFILES_BACKBONES["full"]).items() if k != "backbones"} == _fields(full)
     assert full.model_cfg == {"preset": "paper"} and full.patch_size == 64 and full.batch_size == 32
-    assert full.seeds >= 3 and full.budget >= 100_000
+    assert full.seeds >= 3 and full.budget >= 100_000 and full.alpha == 0.01 and full.ref_meta_lr == 1e-4
+    bb = {p: X.PROFILES_BACKBONES[p].backbones for p in ("quick", "medium", "full")}
+    assert bb["quick"] == {"rrdb": {"nf": 16, "nb": 1, "gc": 8}, "swinir": {"preset": "tiny"}}
+    assert bb["medium"]["swinir"] == {"dim": 16, "depths": (2,), "heads": 2, "window": 8}
+    assert bb["full"] == {"rrdb": {"preset": "paper"}, "swinir": {"preset": "paper"}}
+
+
+def test_profiles_and_overrides():
     # the code's medium profile is the one that produced the committed study (multi-seed)
-    med = X.profile_for("dil-denoise", "medium")
+    med = X.PROFILES_DENOISE["medium"]
     assert med.seeds >= 2
     committed = experiments.load_results("dil-denoise", "medium")
     if committed is not None:
         ran = {k: v for k, v in committed["config"]["profile"].items() if k not in ("seeds", "sweep")}
-        ours = {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(med).items()
-                if k not in ("seeds", "sweep")}
+        ours = {k: v for k, v in _fields(med).items() if k not in ("seeds", "sweep")}
         assert ran == ours
-    p = X.profile_for("dil-denoise", "quick", budget=40, n_distortions=2)
+    p = select(X.PROFILES_DENOISE, "quick", {"budget": 40, "n_distortions": 2})
     assert p.steps("erm", 4) == 40 and p.steps("dil_pf", 4) == 10 and p.steps("dil_sf_reference", 4) == 10
     assert dil.batches_per_step("dil_ss", 4) == 8
+    assert select(X.PROFILES_TYPES, "quick", {"strategies": ["erm"]}).strategies == ("erm",)
     with pytest.raises(TypeError, match="unknown override"):
-        X.profile_for("dil-denoise", "quick", bogus=1)
+        select(X.PROFILES_DENOISE, "quick", {"bogus": 1})
+    with pytest.raises(TypeError, match="unknown override"):
+        X.run_denoise("quick", device="cpu", bogus=1)                # checked before any training
     with pytest.raises(ValueError, match="unknown profile"):
-        X.profile_for("dil-denoise", "huge")
+        select(X.PROFILES_DENOISE, "huge")
+    with pytest.raises(ValueError, match="strategies"):
+        X.DILProfile(strategies=("erm", "dil_zz"))
+    with pytest.raises(ValueError, match="budget"):
+        X.DILProfile(budget=0)
+
+
+def _record(psnr, seeds=(0,), strategies=("erm", "dil_pf")):
+    """A synthetic dil-denoise record: psnr[method] = per-image PSNRs at σ=50 (the same for every seed)."""
+    lab = distortions.GaussianNoise(50.0).label
+    rows = [{"method": m, "distortion": lab, "image": f"im{i}", "psnr": v + 0.1 * s, "seed": s, "set": "embedded-test"}
+            for s in seeds for m, vals in psnr.items() for i, v in enumerate(vals)]
+    return {"config": {"profile": {"strategies": list(strategies)}}, "tables": {"per_image": rows}}
+
+
+def test_beats_erm_claims_use_paired_images_seeds_and_restorer_checks():
+    claim = "DIL-pf beats ERM at unseen σ=50 (dB gain)"
+    rec = _record({"input": [14.0, 15.0, 16.0], "ERM": [20.0, 21.0, 22.5], "DIL-pf": [26.1, 27.2, 28.2]})
+    c = next(c for c in X.claims_denoise(rec) if c.claim == claim)
+    assert c.over == "images" and c.n == 3 and c.verdict == C.REPRODUCED      # +6.0 dB vs the paper's +7.65
+    small = _record({"input": [14.0, 15.0, 16.0], "ERM": [20.0, 21.0, 22.5], "DIL-pf": [20.9, 22.1, 23.4]})
+    assert next(c for c in X.claims_denoise(small) if c.claim == claim).verdict == C.DIRECTION_ONLY
+    two = _record({"input": [14.0, 15.0, 16.0], "ERM": [20.0, 21.0, 22.5], "DIL-pf": [20.9, 22.1, 23.4]},
+                  seeds=(0, 1))
+    c2 = next(c for c in X.claims_denoise(two) if c.claim == claim)
+    assert c2.over == "seeds" and c2.n == 2
+    hollow = _record({"input": [24.0, 25.0, 26.0], "ERM": [20.0, 21.0, 22.5], "DIL-pf": [26.1, 27.2, 28.2]})
+    c3 = next(c for c in X.claims_denoise(hollow) if c.claim == claim)
+    assert c3.verdict == C.INCONCLUSIVE and "not a restorer yet: ERM" in c3.why
+    erm50 = next(c for c in X.claims_denoise(rec) if c.claim.startswith("ERM PSNR at unseen σ=50"))
+    assert erm50.tolerance == "±1" and erm50.verdict == C.NOT_REPRODUCED       # 21.17 dB vs the paper's 18.96
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_committed_medium_records_are_rejudged(name):
+    rec = experiments.load_results(name, "medium")
+    if rec is None:
+        pytest.skip(f"no committed {name} medium record")
+    assert rec["claims"] and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
+    assert all(c["verdict"] != C.INCONCLUSIVE or c["why"] for c in rec["claims"])
 
 
 def test_merge_seed_records_recomputes_the_same_claims(denoise):
-    merged = X.merge_seed_records([denoise], note="n")
+    rec = {k: v for k, v in denoise.items() if k != "models"}
+    merged = X.merge_seed_records([rec], note="n")
     assert merged["config"]["seeds"] == [0, 1] and merged["config"]["note"] == "n"
     key = lambda cs: [(c["claim"], c["ours"], c["verdict"]) for c in cs]  # noqa: E731
     assert key(merged["claims"]) == key(denoise["claims"])
     assert merged["tables"]["summary"] == denoise["tables"]["summary"]
+    assert experiments.rejudge(merged)["claims"] == merged["claims"]
     with pytest.raises(ValueError, match="duplicate seeds"):
-        X.merge_seed_records([denoise, denoise])
+        X.merge_seed_records([rec, rec])

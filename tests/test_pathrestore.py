@@ -1,10 +1,16 @@
-"""Path-Restore: region tiling, FLOPs accounting, REINFORCE, shapes and errors."""
+"""Path-Restore: region tiling, FLOPs accounting, REINFORCE, shapes and errors, the training schedules, and the
+``path-restore`` experiment (profiles, record, claims and their preconditions, plots)."""
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from causalir import pathrestore as pr
+from causalir.experiments import claims as C
+from causalir.experiments import path_restore as X
+from causalir.experiments import profiles
 
 CFG = pr.MultiPathConfig(nf=8, num_blocks=3, path_blocks=(0, 1, 2), global_skip=True)
 
@@ -268,10 +274,113 @@ def test_path_map_overlay_and_widget_function():
     res = {"config": {"net": {"num_blocks": 3}},
            "tables": {"path_maps": {"denoise": {"PR p=0": {"n10": {"grid": grid, "region": list(r), "stride": 53,
                                                                     "positions": [list(q) for q in pos]}}}}}}
-    m = pr.path_map_overlay(res, img)
+    m = X.path_map_overlay(res, img)
     assert m.shape == (100, 120)
     assert m[0, 0] == 0 and m[99, 119] == 1 and m[0, 119] == 2
-    fig = pr.show_path_map(res, img, 0)
+    fig = X.show_path_map(res, img, 0)
     assert fig is not None
     with pytest.raises(IndexError, match="p_index"):
-        pr.show_path_map(res, img, 3)
+        X.show_path_map(res, img, 3)
+
+
+def test_stage_schedule_is_the_former_private_cosine():
+    """The stages use train.make_optimizer / make_scheduler; the learning rates are bit-identical to the private
+    cosine they had before (0.02 + 0.98 * (1 + cos(pi * min(s, T) / T)) / 2), at every step."""
+    for steps in (1, 7, 40):
+        w = nn.Parameter(torch.zeros(1))
+        opt, sched = pr._adam_cosine([w], 2e-3, steps)
+        assert isinstance(opt, torch.optim.Adam) and opt.defaults["betas"] == (0.9, 0.999)
+        for s in range(steps + 3):
+            old = 2e-3 * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+            assert opt.param_groups[0]["lr"] == old, (steps, s)
+            opt.step()
+            sched.step()
+    _, none = pr._adam_cosine([nn.Parameter(torch.zeros(1))], 1e-3, 5, schedule=False)
+    assert none is None
+
+
+def test_profiles_and_train_task_validation():
+    p = profiles.select(X.PROFILES, "quick", {"recipe": {"stage1_steps": 3}, "tasks": ["denoise"]})
+    assert p.recipe.stage1_steps == 3 and p.tasks == ("denoise",)
+    with pytest.raises(TypeError, match="unknown override"):
+        profiles.select(X.PROFILES, "quick", {"bogus": 1})
+    with pytest.raises(ValueError, match="p_grid"):
+        profiles.select(X.PROFILES, "quick", {"tasks": ["denoise", "mixed"], "p_grid": {"denoise": (0.0,)}})
+    with pytest.raises(ValueError, match="baseline"):
+        pr.train_task(pr.tasks(["denoise"])[0], CFG, pr.TrainRecipe(), (0.0,), 0, torch.device("cpu"), "vgg")
+
+
+# ------------------------------------------------------------------------------------------------ claims
+def _record(gain=0.0, routes=((0, 1, 1), (1, 1, 1)), restores=True, with_regions=True):
+    """A synthetic path-restore record: 4 test images, the chosen PR p=1e-05 vs the static baseline."""
+    g = np.random.default_rng(0)
+    base, sel = X.BASELINE_NAMES["resnet"], "PR p=1e-05"
+    labels = ["noise σ=10", "noise σ=50", "linear noise σ=0-50", "peaks noise σ=0-50"]
+    test, regions = [], []
+    for lab in labels:
+        for i in range(4):
+            inp = 20.0 + g.normal(0, 1)
+            out = inp + (2.0 if restores else -1.0)
+            test.append({"task": "denoise", "method": base, "distortion": lab, "image": i, "psnr": out,
+                         "input_psnr": inp, "gflops": 0.3, "complex_paths": None})
+            test.append({"task": "denoise", "method": sel, "distortion": lab, "image": i,
+                         "psnr": out + gain + g.normal(0, 0.01), "input_psnr": inp, "gflops": 0.2,
+                         "complex_paths": 1.0})
+            for k in range(6):
+                a = list(routes[k % len(routes)])
+                regions.append({"task": "denoise", "method": sel, "distortion": lab, "image": i, "region": k,
+                                "paths": a, "complex_paths": sum(v > 0 for v in a),
+                                "input_mse": 0.01 * (1 + sum(v > 0 for v in a)) + 1e-4 * k, "gflops": 0.2})
+    tables = {"test": test, "selected": {"denoise": {"method": sel, "matched_on_val": True}},
+              "flops": {"pathfinder_per_block": 1e6, "pathfinder_share_paper_config": 0.0029},
+              "path_maps": {"denoise": {sel: {lab: {"grid": [[1.0, 2.0]]} for lab in labels}}}}
+    if with_regions:
+        tables["regions"] = regions
+    config = {"baseline": base, "tol_db": 0.05, "net": {"num_blocks": 3, "nf": 8},
+              "tasks": {"denoise": {"train": "noise", "test": labels}}}
+    return {"config": config, "tables": tables}
+
+
+def test_claims_use_paired_images_and_preconditions():
+    good = X.claims(_record())
+    assert len(good) == 7 and all(c.verdict in C.VERDICTS for c in good)
+    gap = next(c for c in good if "at noise σ=50" in c.claim)
+    assert gap.verdict == C.REPRODUCED and gap.n == 4 and gap.over == "images"   # |gap - 0.0| <= 0.1
+    speed = next(c for c in good if "faster" in c.claim)
+    assert speed.ours == pytest.approx(0.5) and speed.verdict == C.REPRODUCED and speed.n == 16
+    hard = next(c for c in good if "harder regions" in c.claim)
+    assert hard.verdict == C.REPRODUCED and hard.n == 16
+    # one route on every region: every pathfinder claim is inconclusive
+    one = X.claims(_record(routes=((1, 1, 1),)))
+    assert all(c.verdict == C.INCONCLUSIVE and "degenerate" in c.why for c in one if "pathfinder <" not in c.claim)
+    # neither model restores: the comparisons are inconclusive
+    hollow = X.claims(_record(restores=False))
+    assert all("not a restorer yet" in c.why for c in hollow if "gap" in c.claim or "faster" in c.claim)
+    # far worse PSNR: the speed-up is not at comparable PSNR
+    worse = next(c for c in X.claims(_record(gain=-0.5)) if "faster" in c.claim)
+    assert worse.verdict == C.INCONCLUSIVE and "below -0.1 dB" in worse.why
+
+
+def test_claims_on_a_record_without_regions():
+    """Records written before the per-region table existed are re-judged without crashing."""
+    old = X.claims(_record(with_regions=False))
+    hard = next(c for c in old if "harder regions" in c.claim)
+    assert hard.verdict == C.INCONCLUSIVE and "per-region table" in hard.why and hard.ours is None
+    gap = next(c for c in old if "at noise σ=50" in c.claim)
+    assert gap.verdict == C.REPRODUCED                     # per-image rows were there already
+
+
+def test_path_restore_run_records_regions_and_keeps_models():
+    tiny = {"recipe": {"stage1_steps": 2, "stage2_steps": 2, "batch_size": 2, "patch_size": 16},
+            "dncnn_steps": 2, "p_grid": {"denoise": [0.0]}, "eval_side": 64}
+    rec = X.run("quick", 0, "cpu", keep_models=True, **tiny)
+    t = rec["tables"]
+    assert set(rec["models"]) == {"denoise/baseline", "denoise/stage I", "denoise/PR p=0"}
+    assert len(rec["claims"]) == 7 and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
+    n_img, n_dist = len(rec["config"]["test_images"]), len(rec["config"]["tasks"]["denoise"]["test"])
+    assert {(r["distortion"], r["image"]) for r in t["regions"]} == {(d, i) for d in rec["config"]["tasks"][
+        "denoise"]["test"] for i in range(n_img)}
+    assert len({r["distortion"] for r in t["regions"]}) == n_dist
+    r0 = t["regions"][0]
+    assert len(r0["paths"]) == rec["config"]["net"]["num_blocks"] and r0["complex_paths"] == sum(
+        v > 0 for v in r0["paths"])

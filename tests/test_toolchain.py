@@ -1,5 +1,6 @@
 """Properties of causalir.toolchain / causalir.rl (RL-Restore): distortion levels, tools, the Gymnasium
-environment, Q-learning vs random, oracle search, voting and joint fine-tuning."""
+environment and its batched twin ``rl.rollout``, Q-learning vs random, oracle search, voting, joint fine-tuning,
+and the ``rl-restore`` experiment (profiles, record, claims and their preconditions)."""
 
 import gymnasium as gym
 import numpy as np
@@ -8,9 +9,12 @@ import torch
 import torch.nn as nn
 from gymnasium.utils.env_checker import check_env
 
-from causalir import metrics, models
+from causalir import metrics, models, train
 from causalir import rl
 from causalir import toolchain as tc
+from causalir.experiments import claims as C
+from causalir.experiments import profiles
+from causalir.experiments import rl_restore as X
 
 TINY = tc.ToolboxConfig(small=(4, 4), large=(4, 4))
 
@@ -296,9 +300,134 @@ def test_chain_step_images_for_the_widget():
     assert steps[0]["psnr"] == pytest.approx(float(tc.patch_psnr(tc.quantize(dist[:1]), clean[:1])))
 
 
+class _Scripted(nn.Module):
+    """An 'agent' that plays a fixed action sequence per episode (its LSTM state is the step counter)."""
+
+    def __init__(self, seqs):
+        super().__init__()
+        self.seqs = torch.as_tensor(seqs)
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, prev, state=None):
+        t = 0 if state is None else state
+        return torch.nn.functional.one_hot(self.seqs[:, t], tc.N_ACTIONS).float(), t + 1
+
+
+@pytest.mark.parametrize("end_on_drop", [False, True])
+def test_rollout_and_env_step_are_the_same_mdp(end_on_drop):
+    """rl.rollout (batched, lockstep) and ToolchainEnv.step (one patch, Gymnasium) give the same rewards, the same
+    terminations and the same final PSNR on the same chains: STOP at every step, full chains, harmful tools."""
+    torch.manual_seed(0)
+    box = tc.Toolbox(TINY).eval()
+    clean = tc.quantize(_clean(8, 24, seed=3))            # the env's ground truth is 8-bit: give both the same
+    dist = tc.MixedDistortion("moderate")(clean, torch.Generator().manual_seed(4))
+    seqs = [[tc.STOP, 0, 0], [5, tc.STOP, 1], [5, 9, tc.STOP], [5, 9, 2], [0, 0, 0], [11, 3, 7], [6, 6, 6],
+            [2, tc.STOP, tc.STOP]]
+    ep = rl.rollout(_Scripted(seqs), dist, clean, rl.apply_advance(box), max_steps=3, end_on_drop=end_on_drop)
+    env = tc.ToolchainEnv(box, clean, dist, max_steps=3, end_on_drop=end_on_drop)
+    drops = 0
+    for i, seq in enumerate(seqs):
+        _, info = env.reset(options={"index": i})
+        assert info["psnr"] == pytest.approx(float(ep.psnr[i, 0]), abs=1e-9)
+        rewards, dones, acts = [], [], []
+        for a in seq:
+            _, r, term, trunc, info = env.step(a)
+            rewards.append(r), dones.append(term), acts.append(a)
+            assert not trunc
+            if term:
+                break
+        n = len(rewards)
+        assert ep.valid[i].tolist() == [True] * n + [False] * (3 - n), (i, seq)
+        assert ep.actions[i, :n].tolist() == acts and ep.done[i, :n].tolist() == dones
+        assert ep.rewards[i, :n].tolist() == pytest.approx(rewards, abs=1e-4)       # float32 vs float64
+        assert float(ep.psnr[i, -1]) == pytest.approx(info["psnr"], abs=1e-9)
+        assert ep.chains[i] == info["chain"]
+        drops += int(n < 3 and seq[n - 1] != tc.STOP)
+    assert drops > 0 if end_on_drop else drops == 0        # end_on_drop really ended some chains early
+
+
+def test_fit_paired_uses_the_core_paired_strategy():
+    """fit_paired trains through train.fit with train.PairedMSE (no sampler, no distortions) and lowers the MSE."""
+    torch.manual_seed(0)
+    clean = _clean(16, 16)
+    dist = (clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    tool = tc.SmallTool(4, 4)
+    before = float(torch.nn.functional.mse_loss(tool(dist), clean))
+    res = tc.fit_paired(tool, clean, dist, tc.ToolTrainConfig(steps=40, batch_size=8, lr=3e-3), seed=0)
+    assert res.counters.images_forwarded == 40 * 8 and res.counters.distorted_batches == 0
+    with torch.no_grad():
+        assert float(torch.nn.functional.mse_loss(tool(dist), clean)) < before
+    assert isinstance(train.build_strategy("paired_mse", clean=clean, dist=dist), train.PairedMSE)
+    assert not hasattr(tc, "rl_restore_experiment")        # no trampoline back into the agent side
+
+
 def test_profiles_and_overrides():
-    p = rl._profile("quick", {"dqn": {"updates": 3}})
-    assert p.dqn.updates == 3 and p.dqn.batch_episodes == rl.PROFILES["quick"].dqn.batch_episodes
-    with pytest.raises(KeyError, match="unknown override"):
-        rl._profile("quick", {"bogus": 1})
-    assert rl.PROFILES["full"].tools == tc.ToolboxConfig() and rl.PROFILES["full"].agent == rl.AgentConfig()
+    p = profiles.select(X.PROFILES, "quick", {"dqn": {"updates": 3}})
+    assert p.dqn.updates == 3 and p.dqn.batch_episodes == X.PROFILES["quick"].dqn.batch_episodes
+    with pytest.raises(TypeError, match="unknown override"):
+        profiles.select(X.PROFILES, "quick", {"bogus": 1})
+    assert X.PROFILES["full"].tools == tc.ToolboxConfig() and X.PROFILES["full"].agent == rl.AgentConfig()
+    with pytest.raises(ValueError, match="oracle_beam"):
+        profiles.select(X.PROFILES, "quick", {"oracle_beam": 0})
+
+
+# ------------------------------------------------------------------------------------------------ claims
+def _record(agent_gain=1.0, single_gain=0.5, chains=("denoise-1+STOP", "dejpeg-2+STOP"), n=8, with_rows=True):
+    """A synthetic rl-restore record: per-patch rows where the agent gains ``agent_gain`` dB over the input."""
+    g = np.random.default_rng(0)
+    rows, summary = [], []
+    methods = {"input": 0.0, "best single tool (denoise-3)": single_gain, X.RANDOM: -1.0, X.AGENT: agent_gain,
+               "oracle chain (search)": agent_gain + 1, "DnCNN-like (6x16)": 0.8}
+    for sev in tc.SEVERITIES:
+        base = 20 + g.normal(0, 2, n)
+        for m, gain in methods.items():
+            ps = base + gain + g.normal(0, 0.05, n)
+            macs = 1e6 if m == X.AGENT else 4e6 if m.startswith("DnCNN") else 0.0
+            ch = [chains[i % len(chains)] for i in range(n)] if m == X.AGENT else [""] * n
+            rows += [{"method": m, "severity": sev, "patch": i, "psnr": float(p), "macs": macs, "chain": c}
+                     for i, (p, c) in enumerate(zip(ps, ch))]
+            summary.append({"method": m, "severity": sev, "psnr": float(ps.mean()), "psnr_std": 0.0, "macs": macs})
+    tables = {"patch_summary": summary, "examples": {s: [{"patch": 0, "tools": ["denoise-1"]}] for s in tc.SEVERITIES}}
+    if with_rows:
+        tables["patch_rows"] = rows
+    return {"config": {}, "tables": tables}
+
+
+def test_claims_use_paired_patches_and_preconditions():
+    good = X.claims(_record())
+    assert len(good) == 13 and all(c.verdict in C.VERDICTS for c in good)
+    by = {c.claim: c for c in good}
+    beats = by["RL-Restore beats the best single tool, moderate (dB)"]
+    assert beats.verdict == C.REPRODUCED and beats.n == 8 and beats.over == "patches"
+    assert by["RL-Restore needs fewer MACs per patch than the DnCNN-like CNN (saving 1 - RL/DnCNN)"].verdict \
+        == C.REPRODUCED
+    # an agent that does not beat its input: every claim about it is inconclusive, and says why
+    hollow = X.claims(_record(agent_gain=-0.5))
+    assert all(c.verdict == C.INCONCLUSIVE and "not a restorer yet" in c.why for c in hollow)
+    # one chain on every patch: the policy claims are inconclusive, the PSNR levels are not affected
+    degenerate = X.claims(_record(chains=("denoise-1+denoise-1+denoise-1",)))
+    policy = [c for c in degenerate if "beats" in c.claim or "minus DnCNN" in c.claim or "MACs" in c.claim]
+    assert policy and all(c.verdict == C.INCONCLUSIVE and "degenerate" in c.why for c in policy)
+    assert all("degenerate" not in c.why for c in degenerate if c.claim.startswith("RL-Restore PSNR"))
+
+
+def test_claims_on_a_record_without_per_patch_rows():
+    """Records written before patch_rows existed are re-judged without crashing: one seed, no paired error."""
+    old = X.claims(_record(with_rows=False, chains=("a", "b")))
+    assert all(c.verdict == C.INCONCLUSIVE for c in old)
+    assert any("fewer than 2 seeds and no paired error" in c.why for c in old)
+
+
+def test_rl_restore_run_records_patches_and_keeps_models():
+    tiny = {"tool_train": {"steps": 1, "n_data": 8}, "dncnn_train": {"steps": 1, "n_data": 8},
+            "dqn": {"updates": 4, "learn_start": 16, "val_every": 2}, "n_train": 16, "n_val": 4, "n_test": 4,
+            "joint_steps": 1, "joint_batch": 2, "image_side": 63}
+    rec = X.run("quick", 0, "cpu", keep_models=True, **tiny)
+    rows = rec["tables"]["patch_rows"]
+    assert len(rows) == 7 * 3 * 4 and {"method", "severity", "patch", "psnr", "macs", "chain"} <= set(rows[0])
+    assert set(rec["models"]) == {"toolbox", "agent", "dncnn", "toolbox (joint fine-tuning)"}
+    assert isinstance(rec["models"]["agent"], rl.ToolAgent) and rec["config"]["profile"]["n_test"] == 4
+    assert len(rec["claims"]) == 13 and rec["experiment"] == "rl-restore"
+    c, d = X.test_patches(4, 0)["mild"]
+    mild = [r["psnr"] for r in rows if r["method"] == "input" and r["severity"] == "mild"]
+    assert tc.patch_psnr(tc.quantize(d), c).tolist() == pytest.approx(mild)

@@ -130,8 +130,12 @@ def non_degenerate(actions: Iterable[Any], what: str = "policy") -> Precondition
     acts = [a if not isinstance(a, (list, tuple)) else tuple(a) for a in actions]
     distinct = set(acts)
     ok = len(distinct) > 1
-    detail = (f"{what} takes {len(distinct)} distinct actions" if ok else
-              f"degenerate {what}: every input takes {next(iter(distinct)) if distinct else 'no'} action")
+    if ok:
+        detail = f"{what} takes {len(distinct)} distinct actions over {len(acts)} inputs"
+    elif distinct:
+        detail = f"degenerate {what}: all {len(acts)} inputs take the same action ({next(iter(distinct))})"
+    else:
+        detail = f"degenerate {what}: no actions recorded"
     return Precondition("non-degenerate", ok, detail)
 
 
@@ -155,6 +159,10 @@ class Estimate:
     @property
     def decidable(self) -> bool:
         return self.se is not None and self.n >= 2
+
+
+#: what :func:`pick` returns when a record holds no values for a claim (e.g. an older file without the table)
+NO_EVIDENCE = Estimate(float("nan"), None, None, None, 0, "")
 
 
 def _t95(dof: int) -> float:
@@ -204,7 +212,7 @@ def pick(seeds: Optional[Sequence[float]] = None, units: Optional[Sequence[float
         return estimate(seeds, "seeds")
     if units is not None and len(units):
         return estimate(units, unit)
-    raise ValueError("pick: expected per-seed values or per-unit paired values")
+    return NO_EVIDENCE
 
 
 # ------------------------------------------------------------------------------------------------ claims
@@ -239,6 +247,8 @@ def decide(paper: Optional[float], est: Estimate, tolerance: Tolerance = FACTOR2
     failed = [p for p in require if not p.ok]
     if failed:
         return INCONCLUSIVE, "; ".join(p.detail for p in failed)
+    if est.n == 0:
+        return INCONCLUSIVE, "no evidence: the record holds no values for this claim"
     if not est.decidable:
         return INCONCLUSIVE, f"fewer than 2 seeds and no paired error (n={est.n} {est.over})"
     sign = -1.0 if (paper is not None and paper < 0) else 1.0
@@ -254,7 +264,7 @@ def decide(paper: Optional[float], est: Estimate, tolerance: Tolerance = FACTOR2
 
 
 def _r(v: Optional[float], nd: int = 3) -> Optional[float]:
-    return None if v is None else round(float(v), nd)
+    return None if v is None or not math.isfinite(v) else round(float(v), nd)
 
 
 def effect(claim: str, paper: Optional[float], *, seeds: Optional[Sequence[float]] = None,
