@@ -15,17 +15,24 @@
   comparison methods (input-space IG, |theta_t - theta_b|, random).
 * :func:`mask_kernels` / :func:`modulate` -- replace selected target kernels by the baseline's, or set them to
   lam theta_t + (1 - lam) theta_b. :func:`overlap_score` -- OS(x, D) = |filters_D & filters_x| / |filters_x|.
+* :func:`degrade` / :class:`SRStrategy` (registered ``sr_x2``) -- FAIG's x2 SR pipeline (HR -> blur -> bilinear
+  x1/2 -> AWGN -> 8 bits) and its training step, with optional masks that re-train only selected kernels.
+
+The experiment that uses all of it (``faig-srresnet``) and the notebook's plots live in
+:mod:`causalir.experiments.faig_srresnet`.
 """
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .distortions import Distortion, GaussianBlur
+from .train import STRATEGIES, StepContext, Strategy, TrainConfig, make_optimizer, make_scheduler
 from .utils import check_images
 
 Scores = Dict[str, torch.Tensor]
@@ -462,8 +469,6 @@ def make_baseline(name: str, image: torch.Tensor, generator: Optional[torch.Gene
     if name == "gaussian":
         return (x + noise_sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)).clamp(0, 1)
     if name == "blur":
-        from .distortions import GaussianBlur
-
         ks = min(2 * int(3 * blur_sigma) + 1, 2 * (min(x.shape[-2:]) // 2) - 1)
         return GaussianBlur(blur_sigma, kernel_size=max(ks, 3))(x)
     if name == "max_distance":
@@ -584,50 +589,105 @@ def heatmap(attributions: torch.Tensor, percentile: float = 99.0) -> torch.Tenso
     return (m / hi.clamp_min(1e-12)).clamp(0, 1)
 
 
-def render_heatmap(image: torch.Tensor, attributions: torch.Tensor, ax=None, *, alpha: float = 0.6,
-                   percentile: float = 99.0, title: Optional[str] = None, cmap: str = "inferno"):
-    """Draw the heat map over a grey version of the image; returns the matplotlib axis."""
-    import matplotlib.pyplot as plt
+# ------------------------------------------------------------------------------- x2 SR degradation, training
+def degrade(hr: torch.Tensor, blur: torch.Tensor, noise: torch.Tensor, generator: Optional[torch.Generator] = None, *,
+            blur_sigma: float = 2.0, noise_sigma: float = 0.1, kernel_size: int = 21) -> torch.Tensor:
+    """FAIG's x2 SR degradation, per sample: I_LR = q8(clamp(down_x2(k_sigma * I_HR if blur) + sigma_n * eps if
+    noise)), with k_sigma a Gaussian blur (``kernel_size``, sigma ``blur_sigma``) where ``blur`` (bool (N,)),
+    down_x2 bilinear without antialiasing (for an exact factor 2 the mean of each 2x2 block, as OpenCV's
+    INTER_LINEAR), AWGN eps ~ N(0, 1) scaled by ``noise_sigma`` (on [0, 1]) where ``noise``, q8 rounding to 8 bits.
+    The noise comes from ``generator``."""
+    n = hr.shape[0]
+    x = hr
+    if bool(blur.any()):
+        ks = min(kernel_size, 2 * ((min(hr.shape[-2:]) - 1) // 2) - 1)
+        xb = GaussianBlur(blur_sigma, kernel_size=max(ks, 3))(hr)
+        x = torch.where(blur.view(n, 1, 1, 1).to(hr.device), xb, hr)
+    x = F.interpolate(x, scale_factor=0.5, mode="bilinear", align_corners=False, antialias=False)
+    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    x = x + noise.view(n, 1, 1, 1).to(x.device, x.dtype) * noise_sigma * eps
+    return (x.clamp(0, 1) * 255).round() / 255
 
-    img = image[0] if image.dim() == 4 else image
-    if ax is None:
-        _, ax = plt.subplots(figsize=(4, 4))
-    grey = img.detach().float().mean(0).cpu().numpy()
-    ax.imshow(grey, cmap="gray", vmin=0, vmax=1)
-    ax.imshow(heatmap(attributions, percentile).cpu().numpy(), cmap=cmap, alpha=alpha, vmin=0, vmax=1)
-    ax.axis("off")
-    if title:
-        ax.set_title(title, fontsize=9)
-    return ax
+
+@dataclass(frozen=True)
+class SRDegradation(Distortion):
+    """A fixed x2 SR degradation (:func:`degrade` with blur and noise on or off for every sample)."""
+
+    blur: bool = False
+    noise: bool = False
+    blur_sigma: float = 2.0
+    noise_sigma: float = 0.1
+    name: str = field(default="sr_x2", init=False)
+
+    def __post_init__(self) -> None:
+        if not self.blur_sigma > 0 or not self.noise_sigma >= 0:
+            raise ValueError(f"SRDegradation: expected blur_sigma > 0 and noise_sigma >= 0, got {self.blur_sigma!r}, "
+                             f"{self.noise_sigma!r}")
+
+    def _apply(self, x, g):
+        n = x.shape[0]
+        return degrade(x, torch.full((n,), self.blur), torch.full((n,), self.noise), g,
+                       blur_sigma=self.blur_sigma, noise_sigma=self.noise_sigma)
+
+    @property
+    def label(self) -> str:
+        parts = ([f"blur σ={self.blur_sigma:g}"] if self.blur else []) + \
+                ([f"noise σ={self.noise_sigma:g}"] if self.noise else [])
+        return "x2 " + (" + ".join(parts) if parts else "clean")
 
 
-def ig_panel(model: nn.Module, image: torch.Tensor, *, baseline: str = "black", roi: Roi = None,
-             objective: str = "sum", clean: Optional[torch.Tensor] = None, n_steps: int = 32, nt_samples: int = 0,
-             seed: int = 0, show: bool = True) -> IGResult:
-    """The notebook widget: IG of the output (or loss) over ``roi`` from a named baseline; draws the input with
-    the ROI (mapped to input pixels by the model's scale), the baseline and the heat map; returns the IGResult."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+#: The four x2 degradations of FAIG's pipeline (label -> degradation); the order fixes their seeds.
+SR_DEGRADATIONS: Dict[str, SRDegradation] = {"clean": SRDegradation(), "blur": SRDegradation(blur=True),
+                                              "noise": SRDegradation(noise=True),
+                                              "blur+noise": SRDegradation(blur=True, noise=True)}
 
-    g = torch.Generator(device=image.device).manual_seed(seed)
-    r = integrated_gradients(model, image, objective=objective, roi=roi, clean=clean, baseline=baseline,
-                             n_steps=n_steps, nt_samples=nt_samples, generator=g)
-    if show:
-        img = (image[0] if image.dim() == 4 else image).detach().cpu()
-        fig, ax = plt.subplots(1, 3, figsize=(10, 3.4))
-        ax[0].imshow(img.clamp(0, 1).permute(1, 2, 0).numpy())
-        ax[0].set_title("input")
-        if isinstance(roi, tuple):
+
+@STRATEGIES.register("sr_x2")
+@dataclass
+class SRStrategy(Strategy):
+    """x2 SR training step: HR patches, per-sample blur with ``p_blur`` and noise with ``p_noise`` (independent,
+    :func:`degrade`), L(F(I_LR), I_HR) (the loop's loss, L1 by default), one shared update
+    (:meth:`Strategy.update`). With ``masks`` only the selected kernels are trained (re-training 1% of the filters):
+    after each update every other parameter is restored, so it stays exactly the starting model's."""
+
+    p_blur: float = 0.0
+    p_noise: float = 0.0
+    betas: tuple = (0.9, 0.99)
+    masks: Optional[Dict[str, torch.Tensor]] = None
+    name: str = field(default="sr_x2", init=False)
+
+    def __post_init__(self) -> None:
+        for k in ("p_blur", "p_noise"):
+            if not 0.0 <= float(getattr(self, k)) <= 1.0:
+                raise ValueError(f"sr_x2.{k}: expected a probability in [0, 1], got {getattr(self, k)!r}")
+
+    def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.opt = make_optimizer(model.parameters(), cfg, betas=self.betas)
+        self.sched = make_scheduler(self.opt, cfg)
+        if self.masks is not None:
+            dev = next(model.parameters()).device
+            self._frozen = {n: p.detach().clone() for n, p in model.named_parameters()}
+            self._keep = {n: self.masks[n].to(dev)[..., None, None] if n in self.masks else None
+                          for n, _ in model.named_parameters()}
+
+    def step(self, ctx: StepContext) -> Dict[str, float]:
+        hr = ctx.sample_clean()
+        n, g = hr.shape[0], ctx.generator
+        blur = torch.rand(n, generator=g, device=hr.device) < self.p_blur
+        noise = torch.rand(n, generator=g, device=hr.device) < self.p_noise
+        ctx.counters.distorted_batches += 1
+        lr = ctx.prepare(degrade(hr, blur, noise, g))
+        with ctx.autocast():
+            out = ctx.model(lr)
+        loss = ctx.loss_fn(out.to(torch.promote_types(out.dtype, torch.float32)), hr)  # bf16 -> fp32
+        self.update(ctx, loss, n)
+        if self.masks is not None:  # after the update: only the selected kernels may have moved
             with torch.no_grad():
-                s = model(image[None] if image.dim() == 3 else image).shape[-1] / img.shape[-1]
-            t, l, h, w = roi
-            ax[0].add_patch(Rectangle((l / s - 0.5, t / s - 0.5), w / s, h / s, fill=False, ec="cyan", lw=1.5))
-        ax[1].imshow(r.baseline[0].clamp(0, 1).permute(1, 2, 0).numpy())
-        ax[1].set_title(f"baseline: {r.baseline_name}")
-        render_heatmap(img, r.attributions, ax[2],
-                       title=f"|IG|  sum={float(r.attributions.sum()):.3g}  F(x)-F(x')={r.value - r.baseline_value:.3g}")
-        for a in ax[:2]:
-            a.axis("off")
-        fig.tight_layout()
-        plt.show()
-    return r
+                for name_, p in ctx.model.named_parameters():
+                    keep = self._keep[name_]
+                    p.copy_(self._frozen[name_] if keep is None else torch.where(keep, p, self._frozen[name_]))
+        return {"loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0]}
+
+    def describe(self) -> Dict[str, Any]:
+        return {"name": self.name, "p_blur": self.p_blur, "p_noise": self.p_noise, "betas": list(self.betas),
+                "masked": None if self.masks is None else mask_count(self.masks)}

@@ -9,15 +9,15 @@ theta = sum_j w_j theta_j with sum_j w_j = 1. Every floating-point state-dict te
 must agree and are copied. No retraining: a blend costs one pass over the weights, a restoration one forward pass
 (:func:`restore_interpolated` uses ``torch.func.functional_call``, no module copy), cheap enough for a slider.
 
-:func:`dni_experiment` (registered as ``dni-denoise``) fine-tunes a sigma=15 DnCNN to sigma=50, sweeps alpha,
-compares with models fine-tuned at the intermediate sigmas, and interpolates two independently trained models.
+The experiment ``dni-denoise`` (:mod:`causalir.experiments.dni_denoise`) fine-tunes a sigma=15 DnCNN to sigma=50,
+sweeps alpha with :func:`dni_sweep`, compares with models fine-tuned at the intermediate sigmas, and interpolates
+two independently trained models.
 """
 from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -26,7 +26,7 @@ from torch.func import functional_call
 State = Mapping[str, torch.Tensor]
 
 __all__ = ["interpolate_states", "blend_states", "interpolate_model", "blend_models", "restore_interpolated",
-           "weight_distance", "DNIConfig", "DNI_PROFILES", "train_dni_models", "dni_sweep", "dni_experiment"]
+           "weight_distance", "dni_sweep"]
 
 
 # ------------------------------------------------------------------------------------------- core maths
@@ -130,52 +130,7 @@ def weight_distance(a: nn.Module | State, b: nn.Module | State) -> Dict[str, flo
             "cosine": float(torch.nn.functional.cosine_similarity(va, vb, dim=0))}
 
 
-# ------------------------------------------------------------------------------------------- experiment
-@dataclass(frozen=True)
-class DNIConfig:
-    """DNI denoising recipe: parent at ``parent_sigma``; child fine-tuned to ``child_sigma``; references
-    fine-tuned from the same parent at ``ref_sigmas`` with the child's budget; an independent child trained from
-    a different initialisation for parent_steps + ft_steps."""
-
-    model: str = "dncnn"
-    model_cfg: Dict[str, Any] = field(default_factory=lambda: {"nf": 16, "depth": 4})
-    parent_sigma: float = 15.0
-    child_sigma: float = 50.0
-    ref_sigmas: Tuple[float, ...] = (25.0, 35.0)
-    parent_steps: int = 150
-    ft_steps: int = 80
-    batch_size: int = 8
-    patch_size: int = 40
-    lr: float = 1e-3
-    ft_lr: float = 3e-4
-    alphas: Tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)
-    eval_side: int = 96
-    seeds: int = 1
-
-
-DNI_PROFILES: Dict[str, DNIConfig] = {
-    "quick": DNIConfig(ref_sigmas=(30.0,), parent_steps=60, ft_steps=30, batch_size=4, patch_size=32,
-                       alphas=(0.0, 0.5, 1.0), eval_side=64),
-    # The largest run this 2-core shared CPU affords (committed as data/results/dni-denoise-medium.json).
-    "medium": DNIConfig(model_cfg={"nf": 16, "depth": 4}, ref_sigmas=(20.0, 30.0, 40.0), parent_steps=400,
-                        ft_steps=200, batch_size=8, patch_size=40, lr=1e-3, ft_lr=3e-4,
-                        alphas=tuple(i / 10 for i in range(11)), eval_side=128, seeds=2),
-    # The paper's scale (DnCNN-17, 64 features); run on a GPU with `causalir reproduce dni-denoise --profile full`.
-    "full": DNIConfig(model_cfg={"preset": "paper"}, ref_sigmas=(20.0, 25.0, 30.0, 35.0, 40.0, 45.0),
-                      parent_steps=100_000, ft_steps=30_000, batch_size=64, patch_size=64, lr=1e-3, ft_lr=1e-4,
-                      alphas=tuple(i / 20 for i in range(21)), eval_side=512, seeds=3),
-}
-
-
-def _train(model: nn.Module, sigma: float, steps: int, lr: float, cfg: DNIConfig, seed: int, device: str) -> nn.Module:
-    from . import data, distortions, train
-
-    tc = train.TrainConfig(steps=steps, batch_size=cfg.batch_size, patch_size=cfg.patch_size, lr=lr, seed=seed,
-                           device=device, progress=False)
-    return train.fit(model, train.build_strategy("erm"), data.embedded_images("train"),
-                     [distortions.GaussianNoise(sigma)], tc).model
-
-
+# ---------------------------------------------------------------------------------------------- sweeps
 def dni_sweep(model_a: nn.Module, model_b: nn.Module, alphas: Sequence[float], images: Sequence[torch.Tensor],
               sigmas: Sequence[float], *, seed: int = 0, device: str = "auto",
               image_names: Optional[Sequence[str]] = None):
@@ -191,118 +146,3 @@ def dni_sweep(model_a: nn.Module, model_b: nn.Module, alphas: Sequence[float], i
                            include_input=False)
     return pd.DataFrame({"alpha": df["method"].astype(float), "sigma": df["distortion"].map(sig_of),
                          "image": df["image"], "psnr": df["psnr"]})
-
-
-def _curve(df) -> Dict[float, Dict[float, float]]:
-    """sigma -> alpha -> mean PSNR."""
-    t = df.groupby(["sigma", "alpha"])["psnr"].mean()
-    out: Dict[float, Dict[float, float]] = {}
-    for (s, a), v in t.items():
-        out.setdefault(float(s), {})[float(a)] = float(v)
-    return out
-
-
-def dni_experiment(profile: str = "quick", seed: int = 0, device: str = "auto", **overrides: Any) -> Dict[str, Any]:
-    """DNI for denoising strength: sigma=15 parent (B) -> sigma=50 child (A). Sweep alpha on val (choose alpha*
-    per intermediate sigma) and test; compare with models fine-tuned at that sigma; repeat with an independently
-    trained sigma=50 net (DNI should fail there)."""
-    import dataclasses
-
-    import numpy as np
-
-    from . import data, distortions, evaluate
-    from .experiments import direction_claim, numeric_claim
-
-    cfg = dataclasses.replace(DNI_PROFILES[profile], **overrides)
-    sigmas = sorted({cfg.parent_sigma, *cfg.ref_sigmas, cfg.child_sigma})
-    val = data.embedded_images("val", max_side=cfg.eval_side)
-    test = data.embedded_images("test", max_side=cfg.eval_side)
-    names = data.embedded_names("test")
-    per_seed: List[Dict[str, Any]] = []
-    for s in range(seed, seed + cfg.seeds):
-        nets = train_dni_models(cfg, s, device)
-        parent, child, refs, indep = nets["parent"], nets["child"], nets["refs"], nets["independent"]
-        val_curve = _curve(dni_sweep(child, parent, cfg.alphas, val, sigmas, seed=500 + s, device=device))
-        test_df = dni_sweep(child, parent, cfg.alphas, test, sigmas, seed=1000 + s, device=device, image_names=names)
-        test_curve = _curve(test_df)
-        ind_curve = _curve(dni_sweep(indep, parent, cfg.alphas, test, sigmas, seed=1000 + s, device=device))
-        levels = {f"σ={r:g}": distortions.GaussianNoise(r) for r in cfg.ref_sigmas}
-        ref_psnr = {}
-        for r, m in refs.items():
-            d = evaluate.evaluate({"ref": m}, test, {f"σ={r:g}": levels[f"σ={r:g}"]}, seed=1000 + s, device=device,
-                                  include_input=False)
-            ref_psnr[r] = float(d["psnr"].mean())
-        chosen = {r: max(val_curve[r], key=val_curve[r].get) for r in cfg.ref_sigmas}
-        per_seed.append({
-            "seed": s, "test_curve": test_curve, "val_curve": val_curve, "independent_curve": ind_curve,
-            "alpha_star": chosen, "dni_at_alpha_star": {r: test_curve[r][chosen[r]] for r in cfg.ref_sigmas},
-            "dedicated": ref_psnr,
-            "best_endpoint": {r: max(test_curve[r][min(cfg.alphas)], test_curve[r][max(cfg.alphas)])
-                              for r in cfg.ref_sigmas},
-            "distance_child_parent": weight_distance(child, parent),
-            "distance_independent_parent": weight_distance(indep, parent),
-        })
-    mid = cfg.ref_sigmas[len(cfg.ref_sigmas) // 2]
-    gaps = [float(np.mean([p["dedicated"][r] - p["dni_at_alpha_star"][r] for r in cfg.ref_sigmas])) for p in per_seed]
-    gain = [float(np.mean([p["dni_at_alpha_star"][r] - p["best_endpoint"][r] for r in cfg.ref_sigmas]))
-            for p in per_seed]
-    a_mid = [a for a in cfg.alphas if 0 < a < 1] or list(cfg.alphas)
-    # How much worse the independent path's interior is than the correlated one's, at the mid sigma.
-    breaks = [float(np.mean([p["test_curve"][mid][a] - p["independent_curve"][mid][a] for a in a_mid]))
-              for p in per_seed]
-    claims = [
-        numeric_claim(f"DNI at val-chosen α matches a model fine-tuned at that σ (dedicated − DNI, dB, mean over "
-                      f"σ∈{list(cfg.ref_sigmas)})", 0.0, gaps, tol=0.3,
-                      source="DNI paper, denoising-strength figure [paper-unverified]: 'comparable'",
-                      note="paper shows curves, no number: 0 dB = 'comparable'; tolerance ±0.3 dB").as_dict(),
-        direction_claim("Interpolating beats both endpoints at intermediate σ (DNI@α* − best endpoint, dB)", None,
-                        gain, note="sign only; α chosen on val images").as_dict(),
-        direction_claim("Independently trained nets fail to interpolate (correlated − independent PSNR at "
-                        f"σ={mid:g}, interior α, dB)", None, breaks,
-                        source="DNI paper §3 [paper-unverified]").as_dict(),
-    ]
-    return {"config": {**asdict(cfg), "convention": "theta(alpha) = alpha*theta_A + (1-alpha)*theta_B; "
-                       f"A = σ={cfg.child_sigma:g} child, B = σ={cfg.parent_sigma:g} parent",
-                       "sigmas": sigmas, "test_images": names, "seeds": list(range(seed, seed + cfg.seeds))},
-            "tables": {"per_seed": _jsonable(per_seed), "curve_mean": _mean_curve(per_seed, "test_curve"),
-                       "independent_mean": _mean_curve(per_seed, "independent_curve")},
-            "claims": claims}
-
-
-def train_dni_models(cfg: DNIConfig, seed: int = 0, device: str = "auto") -> Dict[str, Any]:
-    """The DNI family: ``parent`` (sigma=parent_sigma, from scratch), ``child`` (fine-tuned to child_sigma),
-    ``refs`` (sigma -> fine-tuned from the parent at that sigma, same budget as the child) and ``independent``
-    (child_sigma from a different initialisation, parent_steps + ft_steps)."""
-    torch.manual_seed(seed)
-    parent = _train(_build(cfg), cfg.parent_sigma, cfg.parent_steps, cfg.lr, cfg, seed, device)
-    child = _train(copy.deepcopy(parent), cfg.child_sigma, cfg.ft_steps, cfg.ft_lr, cfg, seed + 1, device)
-    refs = {r: _train(copy.deepcopy(parent), r, cfg.ft_steps, cfg.ft_lr, cfg, seed + 2, device) for r in cfg.ref_sigmas}
-    torch.manual_seed(seed + 10_000)  # a different initialisation: not correlated with the parent
-    indep = _train(_build(cfg), cfg.child_sigma, cfg.parent_steps + cfg.ft_steps, cfg.lr, cfg, seed + 3, device)
-    return {"parent": parent.eval(), "child": child.eval(), "refs": {r: m.eval() for r, m in refs.items()},
-            "independent": indep.eval()}
-
-
-def _build(cfg: DNIConfig) -> nn.Module:
-    from . import models
-
-    return models.build(cfg.model, **cfg.model_cfg)
-
-
-def _mean_curve(per_seed: List[Dict[str, Any]], key: str) -> Dict[str, Dict[str, float]]:
-    import numpy as np
-
-    out: Dict[str, Dict[str, float]] = {}
-    for s, row in per_seed[0][key].items():
-        out[f"{s:g}"] = {f"{a:g}": round(float(np.mean([p[key][s][a] for p in per_seed])), 4) for a in row}
-    return out
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {(f"{k:g}" if isinstance(k, float) else k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float):
-        return round(obj, 4)
-    return obj

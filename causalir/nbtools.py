@@ -1,10 +1,11 @@
 """Small helpers the notebooks share: parameter checking, result tables, image grids."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional
 
 import torch
 
+from .experiments.plots import show_images  # noqa: F401  (re-exported for the notebooks)
 from .experiments.profiles import check_profile
 from .utils import resolve_device, seed_everything
 
@@ -27,26 +28,6 @@ def claims_frame(results: Dict[str, Any]):
 
     cols = ["claim", "paper", "ours", "low", "high", "n", "over", "tolerance", "verdict", "why"]
     return pd.DataFrame(results.get("claims", []), columns=cols)
-
-
-def show_images(images: Sequence[torch.Tensor], titles: Optional[Sequence[str]] = None, ncols: Optional[int] = None,
-                size: float = 3.0):
-    """Plot (3,H,W) or (1,3,H,W) tensors in a row/grid; returns the figure."""
-    import matplotlib.pyplot as plt
-
-    n = len(images)
-    ncols = ncols or n
-    nrows = (n + ncols - 1) // ncols
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for i, img in enumerate(images):
-        t = img[0] if img.dim() == 4 else img
-        axes.flat[i].imshow(t.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
-        if titles is not None:
-            axes.flat[i].set_title(titles[i], fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 def headless() -> bool:

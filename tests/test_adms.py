@@ -178,3 +178,76 @@ def test_mix_coefficients_sums_to_one_and_rejects_bad_weights():
         A.mix_coefficients([0.0, 0.0])
     with pytest.raises(ValueError, match="non-negative"):
         A.mix_coefficients([-1.0, 2.0])
+
+
+def test_kernel_masks_give_back_the_masks_the_model_was_built_with():
+    _, _, masks, adms = _setup()
+    km = adms.kernel_masks()
+    assert list(km) == adms.labels
+    for d in masks:
+        assert set(km[d]) == set(adms.names)
+        for n in adms.names:
+            assert km[d][n].dtype == torch.bool and torch.equal(km[d][n], masks[d][n])
+
+
+def test_adms_claims_need_restorers_and_headroom():
+    """The claims grammar on a hand-made record: a model below its input makes the comparison inconclusive; with
+    restorers and one seed the paired per-image differences decide."""
+    from causalir.experiments import adms_rbn as E
+    from causalir.experiments import claims as C
+
+    import numpy as np
+
+    labels = ["rain", "blur", "noise"]
+    base = {"input": 20.0, "UM": 24.0, "IM": 25.0, "ADMS": 24.8, "ADMS (oracle c)": 24.9}
+
+    def record(shift_um: float):
+        rows = [{"method": m, "distortion": d, "image": f"im{i}", "psnr": v + 0.1 * i + (shift_um if m == "UM" else 0)
+                 + 0.01 * i * (m == "ADMS"), "seed": 0} for m, v in base.items() for d in labels for i in range(3)]
+        table = {m: {**{d: float(np.mean([r["psnr"] for r in rows if r["method"] == m and r["distortion"] == d]))
+                        for d in labels}} for m in base}
+        for m in table:
+            table[m]["avg"] = float(np.mean([table[m][d] for d in labels]))
+        per_seed = [{"seed": 0, "table": table, "accuracy": {"accuracy": 0.5, "confusion": [[2, 0, 0], [1, 1, 0],
+                                                                                             [0, 0, 2]]},
+                     "params": {"UM": 1000, "ADMS": 1100, "ADMS masked_weights": 90}}]
+        return {"config": {"tasks": ["rain-blur-noise"]},
+                "tables": {"tasks": {"rain-blur-noise": {"labels": labels, "per_seed": per_seed, "seen_rows": rows}}}}
+
+    good = {c.claim: c for c in E.claims(record(0.0))}
+    beat = next(c for k, c in good.items() if "ADMS beats UM" in k)
+    assert beat.verdict in (C.REPRODUCED, C.DIRECTION_ONLY) and beat.over == "images" and beat.n == 3
+    over = next(c for k, c in good.items() if "parameter overhead" in k)
+    assert over.verdict == C.INCONCLUSIVE and "fewer than 2 seeds" in over.why  # a count: one seed is not enough
+    clf = next(c for k, c in good.items() if "classifier" in k)
+    assert clf.over == "patches" and clf.n == 6
+    bad = {c.claim: c for c in E.claims(record(-4.5))}  # UM now below its input
+    beat = next(c for k, c in bad.items() if "ADMS beats UM" in k)
+    assert beat.verdict == C.INCONCLUSIVE and "not a restorer yet: UM" in beat.why
+
+
+def test_adms_claims_rejudge_the_committed_record():
+    from causalir import experiments
+    from causalir.experiments import claims as C
+
+    rec = experiments.load_results("adms-rbn", "medium")
+    if rec is None:
+        pytest.skip("no committed adms-rbn medium record")
+    assert len(rec["claims"]) == 8 and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
+
+
+def test_adms_experiment_runs_tiny_and_keeps_its_models(tmp_path):
+    import json
+
+    from causalir import experiments
+
+    rec = experiments.run("adms-rbn", "quick", 0, "cpu", out_dir=tmp_path, keep_models=True, um_steps=2, im_steps=2,
+                          adms_steps=2, warmup_steps=2, faig_steps=2, eval_side=32, acc_patches=4)
+    t = rec["tables"]["tasks"]["rain-blur-noise"]
+    assert {r["method"] for r in t["seen_rows"]} >= {"input", "IM", "UM", "ADMS"}
+    assert set(rec["models"]) == {f"rain-blur-noise seed 0 {m}" for m in
+                                  ("UM", "ADMS", "ADMS untrained", "IM rain", "IM blur", "IM noise")}
+    assert isinstance(rec["models"]["rain-blur-noise seed 0 ADMS"], A.ADMS)
+    assert "models" not in json.loads((tmp_path / "adms-rbn-quick.json").read_text())
+    beat = rec["claims"][0]
+    assert beat["over"] == "images" and beat["n"] == 3 and beat["checks"]

@@ -6,7 +6,6 @@ injected by papermill with the profile that was asked for (``CAUSALIR_NB_PROFILE
 """
 import json
 import os
-from pathlib import Path
 
 import pytest
 

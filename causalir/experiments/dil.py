@@ -27,6 +27,7 @@ import torch
 
 from .. import data, dil, distortions, evaluate, models, train
 from . import claims as C
+from .plots import show_images
 from .profiles import select
 from .record import Experiment, envelope
 
@@ -670,19 +671,6 @@ def restore_examples(models_: Dict[str, torch.nn.Module], distortion: Any, image
     return out
 
 
-def _image_row(images: Sequence[torch.Tensor], titles: Sequence[str], size: float = 3.0):
-    """One row of (1,3,H,W) images with titles; returns the figure."""
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(images), figsize=(size * len(images), size), squeeze=False)
-    for ax, img, title in zip(axes[0], images, titles):
-        ax.axis("off")
-        ax.imshow(img[0].detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy())
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    return fig
-
-
 def show_restorations(models_: Dict[str, torch.nn.Module], strategy: str, distortion: Any,
                       image: str = "chelsea", side: int = 128):
     """Side by side: clean, distorted, ERM and the chosen strategy's restoration (PSNR in the titles).
@@ -695,7 +683,7 @@ def show_restorations(models_: Dict[str, torch.nn.Module], strategy: str, distor
     ex = restore_examples(pick, distortion, image=image, side=side)
     clean = ex["clean"]
     titles = [k if k == "clean" else f"{k}\n{psnr(v, clean):.2f} dB" for k, v in ex.items()]
-    return _image_row(list(ex.values()), titles)
+    return show_images(list(ex.values()), titles)
 
 
 def plot_sampling_diagram(k: int = 3):
