@@ -96,3 +96,54 @@ def test_cuda_bf16_channels_last():
     res = train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN,
                     _cfg(device="cuda", bf16=True, channels_last=True))
     assert next(res.model.parameters()).is_cuda
+
+
+STRATS = {"erm": {}, "dil_pf": {"alpha": 0.01}, "dil_ps": {"alpha": 0.01}, "dil_sf": {"alpha": 0.01},
+          "dil_ss": {"alpha": 0.01}, "dil_sf_reference": {"n_distortions": 2}, "confounded_erm": {},
+          "backdoor_erm": {"probs": (0.25, 0.25, 0.25, 0.25)}}
+
+
+@pytest.mark.parametrize("name", sorted(STRATS))
+def test_every_strategy_goes_through_the_one_update(name, monkeypatch):
+    """grad_clip holds for every strategy (the shared Strategy.update clips), and update is the only step."""
+    calls = []
+    orig = train.Strategy.update
+
+    def spy(self, ctx, loss_or_grads, n_images, **kw):
+        orig(self, ctx, loss_or_grads, n_images, **kw)
+        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in ctx.model.parameters()
+                                                     if p.grad is not None]))
+        calls.append(float(norm))
+
+    monkeypatch.setattr(train.Strategy, "update", spy)
+    res = train.fit(_model(), train.build_strategy(name, **STRATS[name]), IMGS, SEEN, _cfg(steps=2, grad_clip=1e-4))
+    assert len(calls) == 2 and all(c <= 1e-4 * (1 + 1e-4) for c in calls), calls
+    assert res.counters.images_forwarded > 0 and res.counters.images_backpropagated > 0
+
+
+def test_update_sets_a_gradient_dict_and_counts():
+    m = _model()
+    strat = train.build_strategy("erm")
+    cfg = _cfg(grad_clip=0.0, schedule="constant")
+    strat.configure(m, cfg)
+    ctx = train.StepContext(m, lambda: None, SEEN, torch.Generator(), train.LOSSES["l1"], lambda: None,
+                            train.Counters(), cfg)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    grads = {n: torch.ones_like(p) for n, p in m.named_parameters()}
+    strat.update(ctx, grads, 5, n_backprop=7)
+    # Adam's first step moves every weight by -lr * sign(grad) (up to eps)
+    for n, p in m.named_parameters():
+        assert torch.allclose(p.detach(), before[n] - cfg.lr, atol=1e-6)
+    assert (ctx.counters.images_forwarded, ctx.counters.images_backpropagated) == (5, 7)
+
+
+def test_a_strategy_that_owns_its_data_needs_no_images():
+    torch.manual_seed(0)
+    clean = torch.rand(32, 3, 16, 16)
+    noisy = (clean + 0.1 * torch.randn_like(clean)).clamp(0, 1)
+    m = _model()
+    res = train.fit(m, train.build_strategy("paired_mse", clean=clean, dist=noisy), None, (), _cfg(loss="l2"))
+    assert res.counters.steps == 6 and res.counters.images_forwarded == 6 * 4
+    with pytest.raises(ValueError, match="train_images is None but strategy 'erm'"):
+        train.fit(_model(), train.build_strategy("erm"), None, SEEN, _cfg())
+    assert "paired_mse" in train.strategy_names() and "sr_x2" in train.strategy_names()
