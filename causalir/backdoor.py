@@ -1,4 +1,4 @@
-"""The back-door toy: a restoration data set whose noise level is tied to image content, and two ways to train.
+"""Confounded vs back-door-adjusted training: content-tied noise samplers and the two strategies.
 
 The DIL poster's causal graph (``causal.restoration_graph``) has the distortion D confounding I_d -> I_o: ERM fits
 f on training pairs whose distortion is *chosen together with* the content, so f may learn P(I_o | I_d) through a

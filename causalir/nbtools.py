@@ -16,6 +16,12 @@ def setup(profile: str = "quick", seed: int = 0, device: str = "auto", threads: 
     seed_everything(int(seed))
     if threads:
         torch.set_num_threads(int(threads))
+    try:  # claims read as sentences: show them whole
+        import pandas as pd
+
+        pd.set_option("display.max_colwidth", 160)
+    except ImportError:  # pragma: no cover - pandas is a dependency
+        pass
     dev = resolve_device(device)
     print(f"profile={profile} seed={seed} device={dev} torch={torch.__version__}")
     return dev
