@@ -101,3 +101,41 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ------------------------------------------------------------------------------------------ field checks
+def check_number(owner: str, field: str, value: Any, *, lo: float | None = None, hi: float | None = None,
+                 lo_open: bool = False, hi_open: bool = False, integer: bool = False,
+                 allow_none: bool = False) -> Any:
+    """Validate one numeric config field; the error names ``owner.field``, the value and the valid range.
+
+    ``lo``/``hi`` bound the value (inclusive unless ``lo_open``/``hi_open``); ``integer`` requires an int (bools
+    are refused); NaN and infinities are always refused. Returns ``value`` unchanged."""
+    if value is None and allow_none:
+        return value
+    what = "an integer" if integer else "a number"
+    lo_s = "" if lo is None else (f"> {lo:g}" if lo_open else f">= {lo:g}")
+    hi_s = "" if hi is None else (f"< {hi:g}" if hi_open else f"<= {hi:g}")
+    rng = " and ".join(s for s in (lo_s, hi_s) if s)
+    expected = what + (f" {rng}" if rng else "") + (" or None" if allow_none else "")
+    ok_type = isinstance(value, (int, np.integer)) if integer else isinstance(value, (int, float, np.integer, np.floating))
+    if isinstance(value, bool) or not ok_type:
+        raise (TypeError if not isinstance(value, (int, float, np.number)) else ValueError)(
+            f"{owner}.{field}: expected {expected}, got {value!r}")
+    v = float(value)
+    bad = not np.isfinite(v)
+    if lo is not None:
+        bad |= v <= lo if lo_open else v < lo
+    if hi is not None:
+        bad |= v >= hi if hi_open else v > hi
+    if bad:
+        raise ValueError(f"{owner}.{field}: expected {expected}, got {value!r}")
+    return value
+
+
+def check_choice(owner: str, field: str, value: Any, choices: Any) -> Any:
+    """Validate a field that takes one of ``choices``; the error names the field, the value and the choices."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{owner}.{field}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
