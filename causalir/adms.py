@@ -34,6 +34,7 @@ from torch.func import functional_call, vmap
 from . import distortions as dz
 from .distortions import Distortion
 from .train import STRATEGIES, Strategy, StepContext, TrainConfig, make_optimizer, make_scheduler
+from .utils import check_choice, check_number
 
 Masks = Dict[str, torch.Tensor]
 
@@ -65,9 +66,45 @@ DEGRADATION_SETS: Dict[str, Callable[[], Dict[str, Any]]] = {
 }
 
 
+def _check_flag(owner: str, field: str, value: Any) -> None:
+    check_choice(owner, field, value, (True, False))
+
+
+def _check_x(x: Any, owner: str, in_ch: Optional[int] = None) -> torch.Tensor:
+    """A float batch (N,C,H,W), N >= 1, H, W >= 1 (and ``in_ch`` channels when given)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{owner}: x: expected a torch.Tensor (N,3,H,W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{owner}: x: expected shape (N,3,H,W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{owner}: x: expected a floating-point tensor, got dtype {x.dtype}")
+    if in_ch is not None and x.shape[1] != in_ch:
+        raise ValueError(f"{owner}: x: expected {in_ch} channels at dim 1, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0 or min(x.shape[-2:]) == 0:
+        raise ValueError(f"{owner}: x: expected a non-empty batch of non-empty images, got shape {tuple(x.shape)}")
+    return x
+
+
+def _check_mask_dicts(masks: Any, owner: str) -> None:
+    """label -> {conv weight name -> bool (out, in) mask}."""
+    if not isinstance(masks, Mapping) or not masks:
+        raise ValueError(f"{owner}: masks: expected a non-empty mapping label -> {{conv weight name -> (out, in) "
+                         f"mask}}, got {type(masks).__name__}")
+    for d, m in masks.items():
+        if not isinstance(m, Mapping):
+            raise TypeError(f"{owner}: masks[{d!r}]: expected a mapping conv weight name -> (out, in) mask, got "
+                            f"{type(m).__name__}")
+        for n, t in m.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{owner}: masks[{d!r}][{n!r}]: expected a bool (out, in) tensor, got {type(t).__name__}")
+            if t.dtype != torch.bool and not bool(((t == 0) | (t == 1)).all()):
+                raise ValueError(f"{owner}: masks[{d!r}][{n!r}]: expected a bool (out, in) mask (or 0/1 values), got "
+                                 f"other values of dtype {t.dtype}")
+
+
 def degradation_set(name: str) -> Dict[str, Dict[str, Distortion]]:
     """{'seen': label -> distortion, 'mixed': ..., 'unseen': ...} for ``rain-blur-noise`` or ``rain-snow-haze``."""
-    if name not in DEGRADATION_SETS:
+    if not isinstance(name, str) or name not in DEGRADATION_SETS:
         raise KeyError(f"unknown degradation set {name!r}; valid names: {', '.join(DEGRADATION_SETS)}")
     return DEGRADATION_SETS[name]()
 
@@ -80,8 +117,10 @@ class DegradationClassifier(nn.Module):
 
     def __init__(self, num_classes: int, nf: int = 16, in_ch: int = 3) -> None:
         super().__init__()
-        if num_classes < 2:
-            raise ValueError(f"DegradationClassifier: expected at least 2 classes, got {num_classes}")
+        check_number("DegradationClassifier", "num_classes", num_classes, lo=2, integer=True)
+        check_number("DegradationClassifier", "nf", nf, lo=1, integer=True)
+        check_number("DegradationClassifier", "in_ch", in_ch, lo=1, integer=True)
+        self.in_ch = in_ch
         self.features = nn.Sequential(
             nn.Conv2d(2 * in_ch, nf, 3, 1, 1), nn.LeakyReLU(0.1),
             nn.Conv2d(nf, 2 * nf, 3, 2, 1), nn.LeakyReLU(0.1),
@@ -89,6 +128,11 @@ class DegradationClassifier(nn.Module):
         self.head = nn.Linear(6 * nf, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _check_x(x, "DegradationClassifier", self.in_ch)
+        h, w = x.shape[-2:]
+        if ((h + 3) // 4) * ((w + 3) // 4) < 2:  # two stride-2 convs: ceil(h/4) x ceil(w/4) features
+            raise ValueError(f"DegradationClassifier: x: an image of {h}x{w} leaves a 1x1 feature map after the two "
+                             "stride-2 convs, whose std is undefined; expected at least 5 px on one side")
         hp = x - F.avg_pool2d(x, 3, 1, 1, count_include_pad=False)
         f = self.features(torch.cat([x, 4.0 * hp], dim=1))
         return self.head(torch.cat([f.mean(dim=(-1, -2)), f.std(dim=(-1, -2)), f.amax(dim=(-1, -2))], dim=1))
@@ -107,19 +151,41 @@ def _key(name: str) -> str:
 def masked_deltas(unified: nn.Module, individual: nn.Module,
                   mask: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """(theta_IM - theta_um) ⊙ M per conv weight (the kernel mask (out, in) broadcast over the taps)."""
+    for fld, m in (("unified", unified), ("individual", individual)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"masked_deltas: {fld}: expected an nn.Module, got {type(m).__name__}")
+    _check_mask_dicts({"mask": mask}, "masked_deltas")
     pu, pi = dict(unified.named_parameters()), dict(individual.named_parameters())
     out = {}
     for n, m in mask.items():
         if n not in pu:
             raise KeyError(f"mask key {n!r} is not a parameter of the model; valid names: "
                            f"{', '.join(_conv_weight_names(unified))}")
+        if n not in pi or pi[n].shape != pu[n].shape:
+            raise ValueError(f"masked_deltas: individual model's {n!r} is missing or has another shape than the "
+                             "unified model's (same architecture expected)")
+        if pu[n].dim() < 2 or tuple(m.shape) != tuple(pu[n].shape[:2]):
+            raise ValueError(f"mask[{n!r}]: expected shape {tuple(pu[n].shape[:2])} (out, in), got {tuple(m.shape)}")
         out[n] = ((pi[n] - pu[n]).detach() * m.to(pu[n].device, pu[n].dtype)[..., None, None])
     return out
 
 
 def mask_share(mask: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, float]:
     """Masked kernels / all conv kernels, and masked weights / all parameters of ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"mask_share: model: expected an nn.Module, got {type(model).__name__}")
+    _check_mask_dicts({"mask": mask}, "mask_share")
     params = dict(model.named_parameters())
+    convs = set(_conv_weight_names(model))
+    for n, m in mask.items():
+        if n not in convs:
+            raise KeyError(f"mask_share: mask key {n!r} is not a conv weight of the model; valid names: "
+                           f"{', '.join(_conv_weight_names(model))}")
+        if tuple(m.shape) != tuple(params[n].shape[:2]):
+            raise ValueError(f"mask_share: mask[{n!r}]: expected shape {tuple(params[n].shape[:2])} (out, in), got "
+                             f"{tuple(m.shape)}")
+    if not convs:
+        raise ValueError("mask_share: the model has no conv weights")
     kern = sum(int(m.sum()) for m in mask.values())
     total_k = sum(params[n].shape[0] * params[n].shape[1] for n in _conv_weight_names(model))
     w = sum(int(m.sum()) * params[n][0, 0].numel() for n, m in mask.items())
@@ -129,6 +195,10 @@ def mask_share(mask: Mapping[str, torch.Tensor], model: nn.Module) -> Dict[str, 
 
 def mix_coefficients(weights: Sequence[float]) -> torch.Tensor:
     """Non-negative weights -> c with sum_d c_d = 1 (for the notebook's sliders)."""
+    if isinstance(weights, (str, bytes)) or not hasattr(weights, "__len__") or len(weights) == 0:
+        raise ValueError(f"mix_coefficients: expected a non-empty sequence of non-negative weights, got {weights!r}")
+    for i, v in enumerate(weights):
+        check_number("mix_coefficients", f"weights[{i}]", v, lo=0)
     w = torch.tensor([float(v) for v in weights])
     if (w < 0).any() or not torch.isfinite(w).all() or float(w.sum()) <= 0:
         raise ValueError(f"mix_coefficients: expected non-negative weights with a positive sum, got {list(weights)}")
@@ -143,13 +213,35 @@ class ADMS(nn.Module):
                  init: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None, mode: str = "offset",
                  mixing: str = "soft") -> None:
         super().__init__()
-        if mode not in ("offset", "replace"):
-            raise ValueError(f"mode: expected 'offset' or 'replace', got {mode!r}")
-        if mixing not in ("soft", "hard"):
-            raise ValueError(f"mixing: expected 'soft' or 'hard', got {mixing!r}")
-        self.labels = list(masks)
-        if len(self.labels) < 1:
+        check_choice("ADMS", "mode", mode, ("offset", "replace"))
+        check_choice("ADMS", "mixing", mixing, ("soft", "hard"))
+        if not isinstance(unified, nn.Module):
+            raise TypeError(f"ADMS.unified: expected an nn.Module, got {type(unified).__name__}")
+        if classifier is not None and not isinstance(classifier, nn.Module):
+            raise TypeError(f"ADMS.classifier: expected an nn.Module or None, got {type(classifier).__name__}")
+        if isinstance(masks, Mapping) and not masks:
             raise ValueError("ADMS: expected at least one degradation mask")
+        _check_mask_dicts(masks, "ADMS")
+        self.labels = list(masks)
+        convs = _conv_weight_names(unified)
+        for d in self.labels:
+            unknown = [n for n in masks[d] if n not in convs]
+            if unknown:
+                raise KeyError(f"ADMS: masks[{d!r}] has keys {unknown[:5]} that are not conv weights of the unified "
+                               f"model; valid names: {', '.join(convs)}")
+        if isinstance(classifier, DegradationClassifier) and classifier.head.out_features != len(self.labels):
+            raise ValueError(f"ADMS.classifier: predicts {classifier.head.out_features} classes for "
+                             f"{len(self.labels)} degradations {self.labels}")
+        if init is not None:
+            if not isinstance(init, Mapping) or set(init) != set(self.labels):
+                raise ValueError(f"ADMS.init: expected a mapping with one entry per degradation {self.labels}, got "
+                                 f"{list(init) if isinstance(init, Mapping) else type(init).__name__}")
+            pu = dict(unified.named_parameters())
+            for d in self.labels:
+                for n, t in init[d].items():
+                    if n in pu and (not isinstance(t, torch.Tensor) or t.shape != pu[n].shape):
+                        got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                        raise ValueError(f"ADMS.init[{d!r}][{n!r}]: expected shape {tuple(pu[n].shape)}, got {got}")
         self.mode, self.mixing = mode, mixing
         self.unified = copy.deepcopy(unified).eval()
         for p in self.unified.parameters():
@@ -204,23 +296,36 @@ class ADMS(nn.Module):
 
     def coefficients(self, x: torch.Tensor) -> torch.Tensor:
         """c (N, K): softmax of the classifier's logits, or the argmax one-hot with ``mixing='hard'``."""
-        p = self.classifier(x).softmax(dim=1)
+        logits = self.classifier(x)
+        if not isinstance(logits, torch.Tensor) or logits.shape != (x.shape[0], len(self.labels)):
+            got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"ADMS.classifier: expected logits of shape ({x.shape[0]}, {len(self.labels)}) (one per "
+                             f"degradation {self.labels}), got {got}")
+        p = logits.softmax(dim=1)
         if self.mixing == "hard":
             return F.one_hot(p.argmax(1), len(self.labels)).to(p.dtype)
         return p
 
     def check_c(self, c: torch.Tensor, n: int) -> torch.Tensor:
+        if not isinstance(c, torch.Tensor) or not c.is_floating_point():
+            got = c.dtype if isinstance(c, torch.Tensor) else type(c).__name__
+            raise TypeError(f"c: expected a float tensor (K,) or (N, K) of mixing weights, got {got}")
         if c.dim() == 1:
             c = c[None].expand(n, -1)
         if c.shape != (n, len(self.labels)):
             raise ValueError(f"c: expected shape ({n}, {len(self.labels)}) (one weight per degradation "
                              f"{self.labels}), got {tuple(c.shape)}")
+        if not bool(torch.isfinite(c).all()):
+            raise ValueError("c: expected finite mixing weights, got NaN or infinity")
         return c
 
     def forward(self, x: torch.Tensor, c: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Restore each sample with its own theta_ads(c_i) (vmap over functional_call)."""
-        if x.dim() != 4:
+        if isinstance(x, torch.Tensor) and x.dim() != 4:
             raise ValueError(f"x: expected shape (N,3,H,W), got {tuple(x.shape)}")
+        _check_x(x, "ADMS", getattr(self.unified, "in_ch", None))
+        if c is not None and not isinstance(c, torch.Tensor):
+            raise TypeError(f"c: expected a float tensor (K,) or (N, K) of mixing weights, got {type(c).__name__}")
         c = self.coefficients(x) if c is None else self.check_c(c.to(x.device), x.shape[0])
 
         def one(ci: torch.Tensor, xi: torch.Tensor) -> torch.Tensor:
@@ -253,6 +358,12 @@ class ADMSStrategy(Strategy):
     teacher_forcing: bool = False
     classifier_lr_mult: float = 10.0
     name: str = field(default="adms", init=False)
+
+    def __post_init__(self) -> None:
+        check_number("adms", "ce_weight", self.ce_weight, lo=0)
+        check_number("adms", "warmup_steps", self.warmup_steps, lo=0, integer=True)
+        _check_flag("adms", "teacher_forcing", self.teacher_forcing)
+        check_number("adms", "classifier_lr_mult", self.classifier_lr_mult, lo=0, lo_open=True)
 
     def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
         if not isinstance(model, ADMS):
@@ -304,6 +415,22 @@ class ADMSStrategy(Strategy):
 def build_adms(unified: nn.Module, individuals: Mapping[str, nn.Module], masks: Mapping[str, Masks], *,
                clf_nf: int = 16, mode: str = "offset", mixing: str = "soft") -> ADMS:
     """ADMS initialised from the IMs: theta_d = (theta_IM_d - theta_um) ⊙ M_d (offset) or theta_IM_d (replace)."""
+    check_number("build_adms", "clf_nf", clf_nf, lo=1, integer=True)
+    check_choice("build_adms", "mode", mode, ("offset", "replace"))
+    check_choice("build_adms", "mixing", mixing, ("soft", "hard"))
+    _check_mask_dicts(masks, "build_adms")
+    if not isinstance(individuals, Mapping):
+        raise TypeError(f"build_adms: individuals: expected a mapping label -> model, got {type(individuals).__name__}")
+    missing = [d for d in masks if d not in individuals]
+    if missing:
+        raise KeyError(f"build_adms: no individual model for degradation(s) {missing}; individuals has "
+                       f"{list(individuals)}")
+    for d in masks:
+        if not isinstance(individuals[d], nn.Module):
+            raise TypeError(f"build_adms: individuals[{d!r}]: expected an nn.Module, got {type(individuals[d]).__name__}")
+    if len(masks) < 2:
+        raise ValueError(f"build_adms: expected at least 2 degradations (the classifier needs 2 classes), got "
+                         f"{list(masks)}")
     if mode == "offset":
         init = {d: masked_deltas(unified, individuals[d], masks[d]) for d in masks}
     else:
@@ -318,6 +445,17 @@ def classifier_accuracy(adms: ADMS, images: Sequence[torch.Tensor], seen: Mappin
     from . import data
     from .utils import make_generator, resolve_device
 
+    if not isinstance(adms, ADMS):
+        raise TypeError(f"classifier_accuracy: adms: expected an ADMS model, got {type(adms).__name__}")
+    check_number("classifier_accuracy", "n", n, lo=1, integer=True)
+    check_number("classifier_accuracy", "patch", patch, lo=1, integer=True)
+    check_number("classifier_accuracy", "seed", seed, integer=True)
+    if not isinstance(seen, Mapping):
+        raise TypeError(f"classifier_accuracy: seen: expected a mapping label -> Distortion, got {type(seen).__name__}")
+    missing = [lab for lab in adms.labels if lab not in seen]
+    if missing:
+        raise KeyError(f"classifier_accuracy: seen has no distortion for label(s) {missing} of the model "
+                       f"({adms.labels}); got {list(seen)}")
     dev = resolve_device(device)
     g = make_generator(seed, dev)
     sampler = data.PatchSampler(images, patch, n, dev)

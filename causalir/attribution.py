@@ -31,9 +31,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .distortions import Distortion, GaussianBlur
+from .distortions import Distortion, GaussianBlur, check_size
 from .train import STRATEGIES, StepContext, Strategy, TrainConfig, make_optimizer, make_scheduler
-from .utils import check_images
+from .utils import check_choice, check_images, check_number
 
 Scores = Dict[str, torch.Tensor]
 Masks = Dict[str, torch.Tensor]
@@ -48,8 +48,60 @@ LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 }
 
 
+#: captum's integration rules (``method=``)
+IG_METHODS = ("riemann_right", "riemann_left", "riemann_middle", "riemann_trapezoid", "gausslegendre")
+
+
+def _check_flag(owner: str, field: str, value: Any, allow_none: bool = False) -> None:
+    check_choice(owner, field, value, (True, False, None) if allow_none else (True, False))
+
+
+def _check_model(model: Any, owner: str, field: str = "model") -> torch.device:
+    """An nn.Module with at least one parameter; returns the device of its first parameter."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: {field}: expected an nn.Module, got {type(model).__name__}")
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ValueError(f"{owner}: {field}: the model has no parameters to attribute to")
+    return p.device
+
+
+def _check_steps(owner: str, n_steps: Any, internal_batch_size: Any = None) -> None:
+    check_number(owner, "n_steps", n_steps, lo=1, integer=True)
+    check_number(owner, "internal_batch_size", internal_batch_size, lo=1, integer=True, allow_none=True)
+
+
+def _check_generator(owner: str, generator: Any, device: Optional[torch.device] = None) -> None:
+    if generator is None:
+        return
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"{owner}: generator: expected a torch.Generator or None, got {type(generator).__name__}")
+    if device is not None and torch.device(generator.device).type != torch.device(device).type:
+        raise ValueError(f"{owner}: generator is on {generator.device} but the images are on {device}; make the "
+                         "generator on the images' device")
+
+
+def _as_batch(t: Any, name: str) -> torch.Tensor:
+    """(C,H,W) -> (1,C,H,W); anything but a tensor is refused before ``.dim()`` is called on it."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor (C,H,W) or (N,C,H,W), got {type(t).__name__}")
+    return t[None] if t.dim() == 3 else t
+
+
+def _check_tensor_images(x: torch.Tensor, name: str, *, check_range: bool = False, in_ch: Optional[int] = None,
+                         min_side: int = 1, why: str = "") -> torch.Tensor:
+    """A float (N,C,H,W) batch: not empty, sides >= ``min_side``, finite (and in [0, 1] with ``check_range``)."""
+    check_images(x, name, channels=in_ch, check_range=check_range)
+    if x.shape[1] == 0:
+        raise ValueError(f"{name}: expected at least one channel, got shape {tuple(x.shape)}")
+    check_size(x, name, min_side, why)
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or infinity")
+    return x
+
+
 def _loss_fn(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if loss not in LOSSES:
+    if not isinstance(loss, str) or loss not in LOSSES:
         raise ValueError(f"unknown loss {loss!r}; valid losses: {', '.join(LOSSES)}")
     return LOSSES[loss]
 
@@ -57,6 +109,8 @@ def _loss_fn(loss: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
 # --------------------------------------------------------------------------------------- kernels helpers
 def kernel_names(model: nn.Module) -> List[str]:
     """Names of the conv weights (nn.Conv2d, any kernel size, 1x1 included) in ``named_parameters`` order."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"kernel_names: expected an nn.Module, got {type(model).__name__}")
     convs = {f"{n}.weight" if n else "weight" for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
     return [n for n, _ in model.named_parameters() if n in convs]
 
@@ -70,6 +124,9 @@ def count_kernels(model_or_scores: Union[nn.Module, Mapping[str, torch.Tensor]])
 
 
 def _check_pair(target: nn.Module, baseline: nn.Module) -> None:
+    for fld, m in (("target", target), ("baseline", baseline)):
+        if not isinstance(m, nn.Module):
+            raise TypeError(f"{fld} model: expected an nn.Module, got {type(m).__name__}")
     ta, ba = dict(target.named_parameters()), dict(baseline.named_parameters())
     if ta.keys() != ba.keys():
         raise ValueError(f"target and baseline differ in parameters: {sorted(set(ta) ^ set(ba))[:5]}")
@@ -78,29 +135,44 @@ def _check_pair(target: nn.Module, baseline: nn.Module) -> None:
         raise ValueError(f"target and baseline differ in shape at {bad[:5]}: same architecture expected")
 
 
-def _pairs(inputs: ImagesLike, references: Optional[ImagesLike], device: torch.device
+def _pairs(inputs: ImagesLike, references: Optional[ImagesLike], device: torch.device, model: Optional[nn.Module] = None,
+           owner: str = "", input_name: str = "inputs", reference_name: str = "references"
            ) -> List[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
-    """(1,C,h,w) input / reference pairs from a batch tensor or a list of (C,h,w) / (1,C,h,w) tensors."""
-    def split(t: ImagesLike, name: str) -> List[torch.Tensor]:
+    """(1,C,h,w) input / reference pairs from a batch tensor or a list of (C,h,w) / (1,C,h,w) tensors. Every image is
+    a finite float tensor, not empty; inputs have the model's ``in_ch`` channels where the model says."""
+    pre = f"{owner}: " if owner else ""
+    in_ch = getattr(model, "in_ch", None) if model is not None else None
+    p0 = next(model.parameters(), None) if model is not None else None
+
+    def split(t: ImagesLike, name: str, ch: Optional[int]) -> List[torch.Tensor]:
         if isinstance(t, torch.Tensor):
-            t = t[None] if t.dim() == 3 else t
-            check_images(t, name, channels=None, check_range=False)
+            t = _as_batch(t, pre + name)
+            _check_tensor_images(t, pre + name, in_ch=ch)
             return [t[i:i + 1] for i in range(t.shape[0])]
+        if not isinstance(t, (list, tuple)):
+            raise TypeError(f"{pre}{name}: expected a tensor (N,C,H,W) or a sequence of (C,H,W) tensors, got "
+                            f"{type(t).__name__}")
+        if not t:
+            raise ValueError(f"{pre}{name}: expected at least one image, got an empty sequence")
         out = []
         for i, x in enumerate(t):
-            x = x[None] if x.dim() == 3 else x
-            check_images(x, f"{name}[{i}]", channels=None, check_range=False)
+            x = _as_batch(x, f"{pre}{name}[{i}]")
+            _check_tensor_images(x, f"{pre}{name}[{i}]", in_ch=ch)
             if x.shape[0] != 1:
-                raise ValueError(f"{name}[{i}]: expected one image (C,H,W) or (1,C,H,W), got {tuple(x.shape)}")
+                raise ValueError(f"{pre}{name}[{i}]: expected one image (C,H,W) or (1,C,H,W), got {tuple(x.shape)}")
             out.append(x)
         return out
 
-    xs = split(inputs, "inputs")
+    xs = split(inputs, input_name, in_ch)
+    for i, x in enumerate(xs):
+        if p0 is not None and x.dtype != p0.dtype:
+            raise TypeError(f"{pre}{input_name}[{i}]: dtype {x.dtype} differs from the model's {p0.dtype}; convert "
+                            "one of them (e.g. inputs.to(model dtype))")
     if references is None:
         return [(x.to(device), None) for x in xs]
-    ys = split(references, "references")
+    ys = split(references, reference_name, None)
     if len(xs) != len(ys):
-        raise ValueError(f"got {len(xs)} inputs but {len(ys)} references")
+        raise ValueError(f"{pre}got {len(xs)} {input_name} but {len(ys)} {reference_name}")
     return [(x.to(device), y.to(device)) for x, y in zip(xs, ys)]
 
 
@@ -120,6 +192,13 @@ def _unflatten(vec: torch.Tensor, names: Sequence[str], shapes: Sequence[torch.S
         out[n] = vec[..., o:o + k].reshape(*vec.shape[:-1], *s)
         o += k
     return out
+
+
+def _check_output(out: torch.Tensor, gt: Optional[torch.Tensor], owner: str, i: int) -> None:
+    """The model's output for image i and its reference must have one shape (no silent broadcasting in the loss)."""
+    if gt is not None and out.shape != gt.shape:
+        raise ValueError(f"{owner}: references[{i}] has shape {tuple(gt.shape)} but the model's output for inputs[{i}] "
+                         f"has shape {tuple(out.shape)}; the reference must be the ground truth of the output")
 
 
 def kernel_scores(attributions: Mapping[str, torch.Tensor], model: nn.Module, kernels_only: bool = True) -> Scores:
@@ -163,28 +242,36 @@ def faig_attributions(target_model: nn.Module, baseline_model: nn.Module, inputs
     from captum.attr import IntegratedGradients
     from torch.func import functional_call, vmap
 
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    _check_steps("faig", n_steps, internal_batch_size)
+    check_choice("faig", "method", method, IG_METHODS)
+    _check_flag("faig", "kernels_only", kernels_only)
+    _check_flag("faig", "vectorize", vectorize, allow_none=True)
     _check_pair(target_model, baseline_model)
+    pb = dict(baseline_model.named_parameters())
+    dt = [(n, p.dtype, pb[n].dtype) for n, p in target_model.named_parameters() if p.dtype != pb[n].dtype]
+    if dt:
+        n, a, b = dt[0]
+        raise TypeError(f"faig: target and baseline differ in dtype at {n!r} ({a} vs {b}); convert one of them")
     lf = _loss_fn(loss)
-    device = next(target_model.parameters()).device
+    device = _check_model(target_model, "faig", "target_model")
+    if references is None and loss != "output_sum":
+        raise ValueError(f"loss {loss!r} needs references (ground truth); use loss='output_sum' without them")
+    pairs = _pairs(inputs, references, device, target_model, "faig")
     names, shapes, theta_t = _flat(target_model)
     _, _, theta_b = _flat(baseline_model)
     theta_b = theta_b.to(device)
     model = target_model
     was = model.training
     model.eval()
-    pairs = _pairs(inputs, references, device)
     if vectorize is None:
         vectorize = device.type == "cuda"
-    if references is None and loss != "output_sum":
-        raise ValueError(f"loss {loss!r} needs references (ground truth); use loss='output_sum' without them")
     total = {n: torch.zeros(s, device=device) for n, s in zip(names, shapes)}
     per_image, deltas, lt, lb = [], [], [], []
     try:
-        for x, gt in pairs:
+        for i_img, (x, gt) in enumerate(pairs):
             def one(theta: torch.Tensor) -> torch.Tensor:
                 out = functional_call(model, _unflatten(theta, names, shapes), (x,))
+                _check_output(out, gt, "faig", i_img)
                 return lf(out, gt)
 
             batched = vmap(one) if vectorize else None
@@ -227,14 +314,19 @@ def faig_reference(target_model: nn.Module, baseline_model: nn.Module, inputs: I
                    kernels_only: bool = True) -> Scores:
     """The same scores as :func:`faig` by a plain loop: for k = 0..N-1, set the weights of a copy to
     theta(k/N) = (k/N) theta_b + (1 - k/N) theta_t, backpropagate L, accumulate; attr = mean grad * (theta_b - theta_t)."""
+    _check_steps("faig_reference", n_steps)
+    _check_flag("faig_reference", "kernels_only", kernels_only)
     _check_pair(target_model, baseline_model)
     lf = _loss_fn(loss)
-    device = next(target_model.parameters()).device
+    device = _check_model(target_model, "faig_reference", "target_model")
+    if references is None and loss != "output_sum":
+        raise ValueError(f"loss {loss!r} needs references (ground truth); use loss='output_sum' without them")
+    pairs = _pairs(inputs, references, device, target_model, "faig_reference")
     net = copy.deepcopy(target_model).eval()
     th_t = {n: p.detach().clone() for n, p in target_model.named_parameters()}
     th_b = {n: p.detach().clone().to(device) for n, p in baseline_model.named_parameters()}
     per_image = []
-    for x, gt in _pairs(inputs, references, device):
+    for i_img, (x, gt) in enumerate(pairs):
         gsum = {n: torch.zeros_like(p) for n, p in th_t.items()}
         for k in range(n_steps):
             a = k / n_steps
@@ -242,7 +334,9 @@ def faig_reference(target_model: nn.Module, baseline_model: nn.Module, inputs: I
                 for n, p in net.named_parameters():
                     p.copy_(a * th_b[n] + (1 - a) * th_t[n])
             net.zero_grad(set_to_none=True)
-            lf(net(x), gt).backward()
+            out = net(x)
+            _check_output(out, gt, "faig_reference", i_img)
+            lf(out, gt).backward()
             for n, p in net.named_parameters():
                 gsum[n] += p.grad
         attr = {n: gsum[n] / n_steps * (th_b[n] - th_t[n]) for n in th_t}
@@ -252,8 +346,12 @@ def faig_reference(target_model: nn.Module, baseline_model: nn.Module, inputs: I
 
 def sum_scores(scores: Sequence[Scores]) -> Scores:
     """Element-wise sum of score dicts with the same keys."""
-    if not scores:
-        raise ValueError("sum_scores: expected at least one scores dict")
+    if not isinstance(scores, (list, tuple)) or not scores:
+        raise ValueError("sum_scores: expected a non-empty sequence of scores dicts")
+    for i, sc in enumerate(scores):
+        _check_scores(sc, f"sum_scores: scores[{i}]")
+        if set(sc) != set(scores[0]) or any(sc[n].shape != scores[0][n].shape for n in sc):
+            raise ValueError(f"sum_scores: scores[{i}] differs from scores[0] in names or shapes")
     return {n: torch.stack([s[n] for s in scores]).sum(0) for n in scores[0]}
 
 
@@ -264,7 +362,12 @@ def ig_kernel_scores(model: nn.Module, inputs: ImagesLike, start_inputs: ImagesL
     the degraded x, average the gradient of sum(F(theta_t, x(a))) w.r.t. the kernels; score = sum_{taps} |mean grad|
     (no input-difference factor), summed over images. Since the objective is a sum, the mean gradient is the
     gradient of the mean objective over the N interpolated inputs, computed as one batch (chunked)."""
-    device = next(model.parameters()).device
+    _check_steps("ig_kernel_scores", n_steps, internal_batch_size)
+    device = _check_model(model, "ig_kernel_scores")
+    xs = _pairs(inputs, None, device, model, "ig_kernel_scores")
+    x0s = _pairs(start_inputs, None, device, model, "ig_kernel_scores", "start_inputs")
+    if len(xs) != len(x0s):
+        raise ValueError(f"ig_kernel_scores: got {len(xs)} inputs but {len(x0s)} start_inputs (one start per input)")
     knames = kernel_names(model)
     params = dict(model.named_parameters())
     was = model.training
@@ -272,7 +375,7 @@ def ig_kernel_scores(model: nn.Module, inputs: ImagesLike, start_inputs: ImagesL
     total = {n: torch.zeros(params[n].shape[:2]) for n in knames}
     chunk = internal_batch_size or n_steps
     try:
-        for (x, _), (x0, _) in zip(_pairs(inputs, None, device), _pairs(start_inputs, None, device)):
+        for (x, _), (x0, _) in zip(xs, x0s):
             if x.shape != x0.shape:
                 raise ValueError(f"inputs and start_inputs differ in shape: {tuple(x.shape)} vs {tuple(x0.shape)}")
             alphas = torch.arange(1, n_steps + 1, device=device, dtype=x.dtype) / n_steps
@@ -292,6 +395,7 @@ def ig_kernel_scores(model: nn.Module, inputs: ImagesLike, start_inputs: ImagesL
 
 def weight_change_scores(target_model: nn.Module, baseline_model: nn.Module, eps: float = 1e-12) -> Scores:
     """|theta - theta_bar| per kernel: sum_taps |theta_t - theta_b| / sum_taps |theta_b| (one ranking for all D)."""
+    check_number("weight_change_scores", "eps", eps, lo=0, lo_open=True)
     _check_pair(target_model, baseline_model)
     pt, pb = dict(target_model.named_parameters()), dict(baseline_model.named_parameters())
     return {n: ((pt[n] - pb[n]).abs().sum(dim=(-1, -2)) / (pb[n].abs().sum(dim=(-1, -2)) + eps)).detach().float().cpu()
@@ -300,25 +404,43 @@ def weight_change_scores(target_model: nn.Module, baseline_model: nn.Module, eps
 
 def random_scores(model: nn.Module, generator: Optional[torch.Generator] = None) -> Scores:
     """Uniform random per-kernel scores (the random baseline)."""
-    params = dict(model.named_parameters())
+    _check_generator("random_scores", generator, torch.device("cpu"))
+    params = dict(model.named_parameters()) if isinstance(model, nn.Module) else None
+    if params is None:
+        raise TypeError(f"random_scores: model: expected an nn.Module, got {type(model).__name__}")
     return {n: torch.rand(params[n].shape[:2], generator=generator) for n in kernel_names(model)}
 
 
 # --------------------------------------------------------------------------------------- selection
-def _check_scores(scores: Mapping[str, torch.Tensor]) -> None:
-    if not scores:
-        raise ValueError("expected a non-empty dict name -> (out, in) scores")
+def _check_scores(scores: Mapping[str, torch.Tensor], name: str = "scores") -> None:
+    if not isinstance(scores, Mapping) or not scores:
+        raise ValueError(f"{name}: expected a non-empty dict name -> (out, in) scores, got {type(scores).__name__}")
     for n, s in scores.items():
         if not isinstance(s, torch.Tensor):
-            raise TypeError(f"scores[{n!r}]: expected a tensor, got {type(s).__name__}")
+            raise TypeError(f"{name}[{n!r}]: expected a tensor, got {type(s).__name__}")
+        if s.is_floating_point() and not bool(torch.isfinite(s).all()):
+            raise ValueError(f"{name}[{n!r}]: expected finite scores, got NaN or infinity")
+
+
+def _check_masks(masks: Mapping[str, torch.Tensor], name: str = "mask", allow_empty: bool = False,
+                 binary_ok: bool = False) -> None:
+    """name -> bool (out, in) tensors (``binary_ok``: any dtype holding only 0 and 1 too)."""
+    if not isinstance(masks, Mapping) or (not masks and not allow_empty):
+        raise ValueError(f"{name}: expected a non-empty dict name -> bool (out, in) mask, got {type(masks).__name__}")
+    for n, m in masks.items():
+        if not isinstance(m, torch.Tensor):
+            raise TypeError(f"{name}[{n!r}]: expected a bool tensor (out, in) (see select_top), got {type(m).__name__}")
+        if m.dtype == torch.bool or (binary_ok and bool(((m == 0) | (m == 1)).all())):
+            continue
+        raise TypeError(f"{name}[{n!r}]: expected a bool tensor (out, in) (see select_top)"
+                        f"{' or 0/1 values' if binary_ok else ''}, got dtype {m.dtype}")
 
 
 def select_top(scores: Mapping[str, torch.Tensor], fraction: float) -> Masks:
     """Boolean masks (same shapes) with exactly round(fraction * total) True at the highest scores, ranked over all
     layers together; ties go to the earlier kernel (dict order, then row-major), so the result is deterministic."""
     _check_scores(scores)
-    if not 0.0 <= float(fraction) <= 1.0:
-        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    check_number("select_top", "fraction", fraction, lo=0, hi=1)
     flat = torch.cat([s.detach().reshape(-1).float().cpu() for s in scores.values()])
     k = int(round(float(fraction) * flat.numel()))
     order = torch.sort(flat, descending=True, stable=True).indices
@@ -332,10 +454,16 @@ def select_top(scores: Mapping[str, torch.Tensor], fraction: float) -> Masks:
 
 
 def mask_count(mask: Mapping[str, torch.Tensor]) -> int:
+    _check_masks(mask, "mask_count: mask", allow_empty=True, binary_ok=True)
     return int(sum(int(m.sum()) for m in mask.values()))
 
 
 def mask_union(a: Masks, b: Masks) -> Masks:
+    _check_masks(a, "mask_union: a")
+    _check_masks(b, "mask_union: b")
+    if set(a) != set(b) or any(a[n].shape != b[n].shape for n in a):
+        raise ValueError(f"mask_union: a and b must have the same names and shapes; names only in a: "
+                         f"{sorted(set(a) - set(b))[:5]}, only in b: {sorted(set(b) - set(a))[:5]}")
     return {n: a[n] | b[n] for n in a}
 
 
@@ -343,7 +471,9 @@ def mask_union(a: Masks, b: Masks) -> Masks:
 def modulate(target: nn.Module, baseline: nn.Module, mask: Mapping[str, torch.Tensor], lam: float) -> nn.Module:
     """A new module: selected kernels set to lam * theta_t + (1 - lam) * theta_b, everything else stays the target's.
     lam = 1 is the target, lam = 0 is masking; lam > 1 extrapolates past the target (FAIG's modulation)."""
+    check_number("modulate", "lam", lam)
     _check_pair(target, baseline)
+    _check_masks(mask, "modulate: mask", allow_empty=True, binary_ok=True)
     out = copy.deepcopy(target)
     pt, pb, po = dict(target.named_parameters()), dict(baseline.named_parameters()), dict(out.named_parameters())
     knames = set(kernel_names(target))
@@ -389,8 +519,16 @@ def discriminative_filters(target: nn.Module, baseline: nn.Module, degraded: Map
     method: ``faig`` (needs ``references``), ``ig`` (input-space path from ``clean_inputs``), ``weight_change``
     (|theta_t - theta_b|, the same ranking for every D) or ``random``.
     """
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"unknown method {method!r}; valid methods: {', '.join(METHODS)}")
+    check_number("discriminative_filters", "fraction", fraction, lo=0, hi=1)
+    _check_steps("discriminative_filters", n_steps, internal_batch_size)
+    _check_model(target, "discriminative_filters", "target")
+    if not isinstance(degraded, Mapping) or not degraded:
+        raise ValueError("discriminative_filters: degraded: expected a non-empty mapping label -> degraded images, got "
+                         f"{type(degraded).__name__}")
+    if method == "random":
+        _check_generator("discriminative_filters", generator, torch.device("cpu"))
     labels = list(degraded)
     if method in ("faig", "ig") and len(labels) < 2:
         raise ValueError("discriminative_filters: expected at least two degradations to contrast")
@@ -421,6 +559,12 @@ def discriminative_filters(target: nn.Module, baseline: nn.Module, degraded: Map
 
 def overlap_score(filters_d: Mapping[str, torch.Tensor], filters_x: Mapping[str, torch.Tensor]) -> float:
     """OS(x, D) = |filters_D & filters_x| / |filters_x| (Xie et al. 2021)."""
+    _check_masks(filters_d, "overlap_score: filters_d")
+    _check_masks(filters_x, "overlap_score: filters_x")
+    bad = [n for n in filters_x if n not in filters_d or filters_d[n].shape != filters_x[n].shape]
+    if bad:
+        raise ValueError(f"overlap_score: filters_x has kernels {bad[:5]} missing from filters_d or of another shape; "
+                         "both must come from the same model")
     inter = sum(int((filters_d[n] & filters_x[n]).sum()) for n in filters_x)
     n_x = mask_count(filters_x)
     if n_x == 0:
@@ -430,6 +574,8 @@ def overlap_score(filters_d: Mapping[str, torch.Tensor], filters_x: Mapping[str,
 
 def predict_degradation(filters: Mapping[str, Masks], filters_x: Masks) -> Tuple[str, Dict[str, float]]:
     """argmax_D OS(x, D) (ties -> the first label) and every OS."""
+    if not isinstance(filters, Mapping) or not filters:
+        raise ValueError("predict_degradation: filters: expected a non-empty mapping label -> masks")
     os_ = {lab: overlap_score(m, filters_x) for lab, m in filters.items()}
     return max(os_, key=lambda k: os_[k]), os_
 
@@ -437,7 +583,7 @@ def predict_degradation(filters: Mapping[str, Masks], filters_x: Masks) -> Tuple
 # ------------------------------------------------------------------------------------ output-change metric
 def gradient_map(x: torch.Tensor) -> torch.Tensor:
     """Per-channel gradient magnitude sqrt(gx^2 + gy^2 + 1e-6) with [-1, 0, 1] differences (replicate borders)."""
-    check_images(x, "x", channels=None, check_range=False)
+    _check_tensor_images(x, "gradient_map: x")
     xp = F.pad(x, (1, 1, 1, 1), mode="replicate")
     gx = xp[..., 1:-1, 2:] - xp[..., 1:-1, :-2]
     gy = xp[..., 2:, 1:-1] - xp[..., :-2, 1:-1]
@@ -446,6 +592,9 @@ def gradient_map(x: torch.Tensor) -> torch.Tensor:
 
 def output_change(a: torch.Tensor, b: torch.Tensor) -> float:
     """FAIG's masking metric: mean squared difference of the gradient maps, x 1000 (the tables' 1e-3 unit)."""
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"output_change: {name}: expected a torch.Tensor (N,C,H,W), got {type(t).__name__}")
     if a.shape != b.shape:
         raise ValueError(f"output_change: shapes differ {tuple(a.shape)} vs {tuple(b.shape)}")
     return float(((gradient_map(a) - gradient_map(b)) ** 2).mean() * 1000.0)
@@ -460,8 +609,15 @@ def make_baseline(name: str, image: torch.Tensor, generator: Optional[torch.Gene
     """The IG baselines of the gallery (Sturmfels et al. 2020): ``black`` zeros, ``uniform`` U[0,1] noise,
     ``gaussian`` the image plus N(0, noise_sigma^2) clipped, ``blur`` a Gaussian-blurred copy, ``max_distance`` the
     farthest image in L1 (1 where x < 0.5, else 0)."""
-    x = image[None] if image.dim() == 3 else image
-    check_images(x, "image", channels=None)
+    if not isinstance(name, str) or name not in BASELINES:
+        raise ValueError(f"unknown baseline {name!r}; valid baselines: {', '.join(BASELINES)}")
+    x = _as_batch(image, "make_baseline: image")
+    _check_tensor_images(x, "make_baseline: image", check_range=True, min_side=2 if name == "blur" else 1,
+                         why="the blur baseline's smallest kernel is 3x3")
+    check_number("make_baseline", "noise_sigma", noise_sigma, lo=0)
+    check_number("make_baseline", "blur_sigma", blur_sigma, lo=0, lo_open=True)
+    if name in ("uniform", "gaussian"):
+        _check_generator("make_baseline", generator, x.device)
     if name == "black":
         return torch.zeros_like(x)
     if name == "uniform":
@@ -477,6 +633,20 @@ def make_baseline(name: str, image: torch.Tensor, generator: Optional[torch.Gene
 
 
 Roi = Union[None, Tuple[int, int, int, int], torch.Tensor]
+
+
+def _check_roi(roi: Roi) -> None:
+    """The ROI's own form (its fit in the output is checked once the output size is known)."""
+    if roi is None:
+        return
+    if isinstance(roi, torch.Tensor):
+        if roi.dim() != 2 or roi.numel() == 0 or not bool(torch.isfinite(roi.float()).all()):
+            raise ValueError(f"roi mask: expected a finite (H, W) tensor over the output, got shape {tuple(roi.shape)}")
+        return
+    if not isinstance(roi, (tuple, list)) or len(roi) != 4:
+        raise ValueError(f"roi: expected (top, left, height, width) in output pixels or an (H, W) mask, got {roi!r}")
+    for fld, v, lo in zip(("top", "left", "height", "width"), roi, (0, 0, 1, 1)):
+        check_number("roi", fld, v, lo=lo, integer=True)
 
 
 def _roi_mask(roi: Roi, shape: torch.Size, device) -> Optional[torch.Tensor]:
@@ -513,13 +683,23 @@ def objective_fn(model: nn.Module, objective: str = "sum", roi: Roi = None,
                  clean: Optional[torch.Tensor] = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """A scalar-per-example objective for IG: ``sum`` = sum of the output over the ROI (everything by default),
     ``loss`` = squared error of the output against ``clean`` over the ROI."""
-    if objective not in ("sum", "loss"):
+    if not isinstance(objective, str) or objective not in ("sum", "loss"):
         raise ValueError(f"unknown objective {objective!r}; valid objectives: sum, loss")
     if objective == "loss" and clean is None:
         raise ValueError("objective 'loss' needs the clean image (clean=...)")
+    if not callable(model):
+        raise TypeError(f"objective_fn: model: expected an nn.Module or a callable, got {type(model).__name__}")
+    _check_roi(roi)
+    if clean is not None:
+        clean = _check_tensor_images(_as_batch(clean, "clean"), "clean")
+        if clean.shape[0] != 1:
+            raise ValueError(f"clean: expected one image (C,H,W) or (1,C,H,W), got {tuple(clean.shape)}")
 
     def f(x: torch.Tensor) -> torch.Tensor:
         out = model(x)
+        if objective == "loss" and clean.shape[1:] != out.shape[1:]:
+            raise ValueError(f"clean: expected the shape of the model's output {tuple(out.shape[1:])} (C,H,W), got "
+                             f"{tuple(clean.shape[1:])}")
         m = _roi_mask(roi, out.shape, out.device)
         v = out if objective == "sum" else (out - clean.to(out.device)) ** 2
         if m is not None:
@@ -538,14 +718,39 @@ def integrated_gradients(model: nn.Module, image: torch.Tensor, *, objective: st
     from a named (or given) baseline. ``nt_samples > 0`` wraps IG in a SmoothGrad NoiseTunnel."""
     from captum.attr import IntegratedGradients, NoiseTunnel
 
-    x = image[None] if image.dim() == 3 else image
+    x = _as_batch(image, "integrated_gradients: image")
     check_images(x, "image", channels=None)
     if x.shape[0] != 1:
         raise ValueError(f"integrated_gradients: expected one image, got a batch of {x.shape[0]}")
-    dev = next(model.parameters()).device
+    _check_tensor_images(x, "integrated_gradients: image", check_range=True)
+    dev = _check_model(model, "integrated_gradients")
+    in_ch = getattr(model, "in_ch", None)
+    if in_ch is not None and x.shape[1] != in_ch:
+        raise ValueError(f"integrated_gradients: image: expected {in_ch} channels (the model's in_ch), got shape "
+                         f"{tuple(x.shape)}")
+    p0 = next(model.parameters())
+    if x.dtype != p0.dtype:
+        raise TypeError(f"integrated_gradients: image: dtype {x.dtype} differs from the model's {p0.dtype}; convert "
+                        "one of them")
+    _check_steps("integrated_gradients", n_steps, internal_batch_size)
+    check_choice("integrated_gradients", "method", method, IG_METHODS)
+    check_number("integrated_gradients", "nt_samples", nt_samples, lo=0, integer=True)
+    check_number("integrated_gradients", "nt_stdevs", nt_stdevs, lo=0)
+    _check_generator("integrated_gradients", generator)
+    if isinstance(baseline, torch.Tensor):
+        _as_batch(baseline, "integrated_gradients: baseline")
+        if tuple(baseline.shape) not in (tuple(x.shape), tuple(x.shape[1:])):
+            raise ValueError(f"integrated_gradients: baseline: expected the image's shape {tuple(x.shape)} or "
+                             f"{tuple(x.shape[1:])}, got {tuple(baseline.shape)}")
+        if not baseline.is_floating_point() or not bool(torch.isfinite(baseline).all()):
+            raise ValueError(f"integrated_gradients: baseline: expected finite floating-point values, got dtype "
+                             f"{baseline.dtype}")
+    elif not isinstance(baseline, str):
+        raise TypeError(f"integrated_gradients: baseline: expected a name ({', '.join(BASELINES)}) or a tensor of the "
+                        f"image's shape, got {type(baseline).__name__}")
     x = x.to(dev)
     if clean is not None:
-        clean = (clean[None] if clean.dim() == 3 else clean).to(dev)
+        clean = _as_batch(clean, "integrated_gradients: clean").to(dev)
     name = baseline if isinstance(baseline, str) else "custom"
     base = make_baseline(baseline, x, generator) if isinstance(baseline, str) else baseline.to(dev).reshape(x.shape)
     f = objective_fn(model, objective, roi, clean)
@@ -573,6 +778,14 @@ def integrated_gradients(model: nn.Module, image: torch.Tensor, *, objective: st
 def baseline_gallery(model: nn.Module, image: torch.Tensor, names: Sequence[str] = BASELINES, *, seed: int = 0,
                      **kw) -> Dict[str, IGResult]:
     """IG from every named baseline (the seed's gallery); each baseline is drawn from its own seeded generator."""
+    _as_batch(image, "baseline_gallery: image")
+    check_number("baseline_gallery", "seed", seed, integer=True)
+    if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
+        raise ValueError(f"baseline_gallery: names: expected a non-empty sequence of baseline names, got {names!r}")
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or n not in BASELINES:
+            raise ValueError(f"baseline_gallery: names[{i}]: unknown baseline {n!r}; valid baselines: "
+                             f"{', '.join(BASELINES)}")
     out = {}
     for i, n in enumerate(names):
         g = torch.Generator(device=image.device).manual_seed(seed + i)
@@ -582,6 +795,11 @@ def baseline_gallery(model: nn.Module, image: torch.Tensor, names: Sequence[str]
 
 def heatmap(attributions: torch.Tensor, percentile: float = 99.0) -> torch.Tensor:
     """(H, W) map in [0, 1]: |attr| summed over channels, clipped at the given percentile."""
+    x = _as_batch(attributions, "heatmap: attributions")
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"heatmap: attributions: expected one image (C,H,W) or (1,C,H,W), got {tuple(x.shape)}")
+    _check_tensor_images(x, "heatmap: attributions")
+    check_number("heatmap", "percentile", percentile, lo=0, hi=100)
     a = attributions.detach().float()
     a = a[0] if a.dim() == 4 else a
     m = a.abs().sum(0)
@@ -597,7 +815,18 @@ def degrade(hr: torch.Tensor, blur: torch.Tensor, noise: torch.Tensor, generator
     down_x2 bilinear without antialiasing (for an exact factor 2 the mean of each 2x2 block, as OpenCV's
     INTER_LINEAR), AWGN eps ~ N(0, 1) scaled by ``noise_sigma`` (on [0, 1]) where ``noise``, q8 rounding to 8 bits.
     The noise comes from ``generator``."""
+    _check_tensor_images(hr, "degrade: hr", check_range=True, min_side=2, why="x2 downsampling")
     n = hr.shape[0]
+    for fld, t in (("blur", blur), ("noise", noise)):
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.bool or tuple(t.shape) != (n,):
+            got = f"shape {tuple(t.shape)} and dtype {t.dtype}" if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"degrade: {fld}: expected a bool tensor of shape ({n},) (one flag per image), got {got}")
+    check_number("degrade", "blur_sigma", blur_sigma, lo=0, lo_open=True)
+    check_number("degrade", "noise_sigma", noise_sigma, lo=0)
+    check_number("degrade", "kernel_size", kernel_size, lo=3, integer=True)
+    if kernel_size % 2 != 1:
+        raise ValueError(f"degrade.kernel_size: expected an odd integer >= 3, got {kernel_size!r}")
+    _check_generator("degrade", generator, hr.device)
     x = hr
     if bool(blur.any()):
         ks = min(kernel_size, 2 * ((min(hr.shape[-2:]) - 1) // 2) - 1)
@@ -620,9 +849,13 @@ class SRDegradation(Distortion):
     name: str = field(default="sr_x2", init=False)
 
     def __post_init__(self) -> None:
-        if not self.blur_sigma > 0 or not self.noise_sigma >= 0:
-            raise ValueError(f"SRDegradation: expected blur_sigma > 0 and noise_sigma >= 0, got {self.blur_sigma!r}, "
-                             f"{self.noise_sigma!r}")
+        _check_flag("SRDegradation", "blur", self.blur)
+        _check_flag("SRDegradation", "noise", self.noise)
+        check_number("SRDegradation", "blur_sigma", self.blur_sigma, lo=0, lo_open=True)
+        check_number("SRDegradation", "noise_sigma", self.noise_sigma, lo=0)
+
+    def size_need(self) -> Tuple[int, str]:
+        return 2, "x2 downsampling"
 
     def _apply(self, x, g):
         n = x.shape[0]
@@ -658,10 +891,24 @@ class SRStrategy(Strategy):
 
     def __post_init__(self) -> None:
         for k in ("p_blur", "p_noise"):
-            if not 0.0 <= float(getattr(self, k)) <= 1.0:
-                raise ValueError(f"sr_x2.{k}: expected a probability in [0, 1], got {getattr(self, k)!r}")
+            check_number("sr_x2", k, getattr(self, k), lo=0, hi=1)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise ValueError(f"sr_x2.betas: expected a pair (beta1, beta2) in [0, 1), got {self.betas!r}")
+        for i, b in enumerate(self.betas):
+            check_number("sr_x2", f"betas[{i}]", b, lo=0, hi=1, hi_open=True)
+        if self.masks is not None:
+            _check_masks(self.masks, "sr_x2.masks")
 
     def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
+        if self.masks is not None:
+            params = dict(model.named_parameters())
+            for n, m in self.masks.items():
+                if n not in params:
+                    raise KeyError(f"sr_x2.masks: key {n!r} is not a parameter of the model; valid names: "
+                                   f"{', '.join(kernel_names(model))}")
+                if tuple(m.shape) != tuple(params[n].shape[:2]):
+                    raise ValueError(f"sr_x2.masks[{n!r}]: expected shape {tuple(params[n].shape[:2])} (out, in), got "
+                                     f"{tuple(m.shape)}")
         self.opt = make_optimizer(model.parameters(), cfg, betas=self.betas)
         self.sched = make_scheduler(self.opt, cfg)
         if self.masks is not None:

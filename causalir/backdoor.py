@@ -28,7 +28,7 @@ import torch.nn as nn
 
 from .distortions import Distortion
 from .train import STRATEGIES, StepContext, Strategy, TrainConfig, make_optimizer, make_scheduler
-from .utils import make_generator
+from .utils import check_choice, check_images, check_number, make_generator
 
 __all__ = ["BackdoorERM", "ConfoundedERM", "STRATA_NAMES", "apply_strata", "brightness", "brightness_threshold",
            "independent_strata", "tied_strata"]
@@ -39,14 +39,34 @@ STRATA_NAMES = ("heavy", "light")  # stratum 0 = heavy noise, stratum 1 = light 
 # ------------------------------------------------------------------------------------------- samplers
 def brightness(x: torch.Tensor) -> torch.Tensor:
     """Mean intensity of each image of a batch (N,C,H,W) -> (N,)."""
-    if x.dim() != 4:
+    if isinstance(x, torch.Tensor) and x.dim() != 4:
         raise ValueError(f"brightness: expected a batch (N,C,H,W), got shape {tuple(x.shape)}")
+    check_images(x, "brightness images", channels=None)
+    if min(x.shape[-2:]) < 1:
+        raise ValueError(f"brightness images: expected images of at least 1x1 pixels, got shape {tuple(x.shape)}")
     return x.mean(dim=(1, 2, 3))
 
 
-def _check_tie(tie: float) -> None:
+def _check_tie(tie: float, owner: str = "tied_strata") -> None:
+    check_number(owner, "tie", tie)
     if not 0.0 <= float(tie) <= 1.0:
-        raise ValueError(f"tie must be in [0, 1] (0 = no confounding, 1 = stratum fixed by brightness), got {tie}")
+        raise ValueError(f"{owner}.tie: tie must be in [0, 1] (0 = no confounding, 1 = stratum fixed by "
+                         f"brightness), got {tie!r}")
+
+
+def _check_probs(owner: str, probs) -> Tuple[float, ...]:
+    """A non-empty vector of finite probabilities >= 0 summing to 1 (each entry checked as ``owner.probs[i]``)."""
+    if isinstance(probs, (str, bytes)) or not isinstance(probs, Sequence) and not isinstance(probs, torch.Tensor):
+        raise ValueError(f"{owner}.probs: expected a non-negative vector summing to 1, got {probs!r}")
+    ps = list(probs.tolist() if isinstance(probs, torch.Tensor) else probs)
+    if not ps:
+        raise ValueError(f"{owner}.probs: expected a non-negative vector summing to 1, got an empty one")
+    for i, p in enumerate(ps):
+        check_number(owner, f"probs[{i}]", p, lo=0, hi=1)
+    if abs(float(sum(ps)) - 1) > 1e-6:
+        raise ValueError(f"{owner}.probs: expected a non-negative vector summing to 1, got {ps} (sum "
+                         f"{float(sum(ps)):.6g})")
+    return tuple(ps)
 
 
 def tied_strata(clean: torch.Tensor, threshold: float, tie: float = 1.0,
@@ -54,6 +74,7 @@ def tied_strata(clean: torch.Tensor, threshold: float, tie: float = 1.0,
     """The confounded P(D | content): stratum 0 (heavy) with prob (1+tie)/2 if brightness < threshold, else
     with prob (1-tie)/2; returns a long tensor (N,) of stratum indices (0 heavy, 1 light)."""
     _check_tie(tie)
+    check_number("tied_strata", "threshold", threshold, lo=0, hi=1)
     dark = brightness(clean) < threshold
     p_heavy = torch.where(dark, 0.5 * (1 + tie), 0.5 * (1 - tie)).to(clean.dtype)
     u = torch.rand(clean.shape[0], generator=generator, device=clean.device, dtype=clean.dtype)
@@ -63,6 +84,11 @@ def tied_strata(clean: torch.Tensor, threshold: float, tie: float = 1.0,
 def independent_strata(n: int, probs: Sequence[float], generator: Optional[torch.Generator] = None,
                        device: str | torch.device = "cpu") -> torch.Tensor:
     """The adjusted P(D): strata drawn i.i.d. from ``probs`` independently of content -> long (N,)."""
+    check_number("independent_strata", "n", n, lo=1, integer=True)
+    if isinstance(probs, (str, bytes)) or not isinstance(probs, (Sequence, torch.Tensor)) or len(probs) == 0:
+        raise ValueError(f"probs must be a non-negative vector summing to 1, got {probs!r}")
+    for i, q in enumerate(probs.tolist() if isinstance(probs, torch.Tensor) else probs):
+        check_number("independent_strata", f"probs[{i}]", q, lo=0, hi=1)
     p = torch.as_tensor(list(probs), dtype=torch.float64, device=device)
     if p.dim() != 1 or len(p) < 1 or bool((p < 0).any()) or abs(float(p.sum()) - 1) > 1e-6:
         raise ValueError(f"probs must be a non-negative vector summing to 1, got {list(probs)}")
@@ -72,6 +98,17 @@ def independent_strata(n: int, probs: Sequence[float], generator: Optional[torch
 def apply_strata(clean: torch.Tensor, strata: Sequence[Distortion], idx: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Distort sample k of ``clean`` with ``strata[idx[k]]`` (one vectorised call per stratum)."""
+    check_images(clean, "apply_strata clean")
+    if isinstance(strata, (str, bytes)) or not isinstance(strata, Sequence) or not strata:
+        raise ValueError(f"apply_strata strata: expected a non-empty sequence of distortions, got {strata!r}")
+    for k, d in enumerate(strata):
+        if not callable(d):
+            raise TypeError(f"apply_strata strata[{k}]: expected a distortion (callable), got {d!r}")
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(f"apply_strata idx: expected a tensor of stratum indices, got {type(idx).__name__}")
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise ValueError(f"apply_strata idx: expected integer stratum indices in [0, {len(strata)}), got dtype "
+                         f"{idx.dtype}")
     if idx.shape != (clean.shape[0],):
         raise ValueError(f"idx must have shape ({clean.shape[0]},), got {tuple(idx.shape)}")
     if len(idx) and (int(idx.min()) < 0 or int(idx.max()) >= len(strata)):
@@ -87,6 +124,20 @@ def apply_strata(clean: torch.Tensor, strata: Sequence[Distortion], idx: torch.T
 def brightness_threshold(images: Sequence[torch.Tensor], patch_size: int, n: int = 4096, seed: int = 0) -> float:
     """Median brightness of ``n`` random training patches: the dark/bright split of the confounded data."""
     from .data import PatchSampler
+
+    check_number("brightness_threshold", "patch_size", patch_size, lo=1, integer=True)
+    check_number("brightness_threshold", "n", n, lo=1, integer=True)
+    check_number("brightness_threshold", "seed", seed, integer=True)
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        images = list(images)
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or len(images) == 0:
+        raise ValueError(f"brightness_threshold images: expected a non-empty sequence of (3,H,W) images, got "
+                         f"{type(images).__name__}" + (" of length 0" if isinstance(images, Sequence) else ""))
+    for i, im in enumerate(images):
+        check_images(im, f"brightness_threshold images[{i}]", batched=False)
+        if min(im.shape[-2:]) < patch_size:
+            raise ValueError(f"brightness_threshold images[{i}]: expected at least {patch_size}x{patch_size} pixels "
+                             f"(the patch size), got {im.shape[-2]}x{im.shape[-1]}")
 
     sampler = PatchSampler(images, patch_size, n, "cpu", augment=False)
     return float(brightness(sampler.sample(make_generator(seed))).median())
@@ -117,7 +168,8 @@ class ConfoundedERM(_StrataStrategy):
     name: str = field(default="confounded_erm", init=False)
 
     def __post_init__(self) -> None:
-        _check_tie(self.tie)
+        _check_tie(self.tie, "ConfoundedERM")
+        check_number("ConfoundedERM", "threshold", self.threshold, lo=0, hi=1)
 
     def step(self, ctx: StepContext) -> Dict[str, float]:
         clean = ctx.sample_clean()
@@ -143,11 +195,9 @@ class BackdoorERM(_StrataStrategy):
     name: str = field(default="backdoor_erm", init=False)
 
     def __post_init__(self) -> None:
+        check_choice("BackdoorERM", "mode", self.mode, ("enumerate", "sample"))
+        _check_probs("BackdoorERM", self.probs)
         self.probs = tuple(float(p) for p in self.probs)
-        if self.mode not in ("enumerate", "sample"):
-            raise ValueError(f"mode: expected 'enumerate' or 'sample', got {self.mode!r}")
-        if any(p < 0 for p in self.probs) or abs(sum(self.probs) - 1) > 1e-6:
-            raise ValueError(f"probs must be non-negative and sum to 1, got {self.probs}")
 
     def step(self, ctx: StepContext) -> Dict[str, float]:
         k = len(ctx.distortions)

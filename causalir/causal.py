@@ -21,7 +21,8 @@ Contents
   :func:`linear_gaussian_confounded`, :func:`m_bias_graph`, :func:`restoration_graph`.
 * :func:`confounding_gap` -- one call for the notebook's confounding-strength slider.
 
-Only numpy is required (figures of these graphs are drawn by ``experiments.backdoor_toy.draw_graph``).
+The computations use numpy only (figures of these graphs are drawn by ``experiments.backdoor_toy.draw_graph``);
+numbers are validated by :func:`causalir.utils.check_number`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ from functools import cached_property
 from typing import Any, Literal, Union
 
 import numpy as np
+
+from .utils import check_choice, check_number
 
 __all__ = [
     "BackdoorCheck",
@@ -66,6 +69,17 @@ def _rng(seed: Seed) -> np.random.Generator:
     if seed is None or isinstance(seed, (int, np.integer)):
         return np.random.default_rng(seed)
     raise TypeError(f"seed must be an int, a numpy Generator or None, got {type(seed).__name__}")
+
+
+def _check_n(owner: str, n: Any) -> int:
+    """A sample count: an integer >= 0."""
+    return check_number(owner, "n", n, lo=0, integer=True)
+
+
+def _check_values(owner: str, field: str, values: Mapping[str, Any] | None) -> None:
+    """Every value of a ``do`` / ``given`` mapping of a linear-Gaussian model is a finite number."""
+    for k, v in (values or {}).items():
+        check_number(owner, f"{field}[{k!r}]", v)
 
 
 def _as_tuple(names: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -487,7 +501,13 @@ class DiscreteVariable:
     def __post_init__(self) -> None:
         object.__setattr__(self, "states", tuple(self.states))
         object.__setattr__(self, "parents", _as_tuple(self.parents))
-        cpt = np.array(self.cpt, dtype=float)
+        try:
+            cpt = np.array(self.cpt, dtype=float)
+        except (TypeError, ValueError):
+            raise ValueError(f"variable {self.name!r}: cpt must be an array of probabilities, got {self.cpt!r}") from None
+        if not np.all(np.isfinite(cpt)):
+            raise ValueError(f"variable {self.name!r}: cpt entries must be finite probabilities, got "
+                             f"{cpt[~np.isfinite(cpt)][:3].tolist()} among them")
         cpt.setflags(write=False)
         object.__setattr__(self, "cpt", cpt)
         if len(self.states) < 1 or len(set(self.states)) != len(self.states):
@@ -532,6 +552,7 @@ class DiscreteSCM(_SCMBase):
 
     def sample(self, n: int, seed: Seed = None, do: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
         """Draw ``n`` samples by ancestral sampling; ``do={"X": x}`` cuts X's incoming edges and fixes X = x."""
+        _check_n("DiscreteSCM.sample", n)
         rng = _rng(seed)
         do = dict(do or {})
         self.causal_graph.check_names(tuple(do), "do")
@@ -610,6 +631,13 @@ class LinearGaussianVariable:
     sd: float = 1.0
 
     def __post_init__(self) -> None:
+        owner = f"LinearGaussianVariable({self.name!r})"
+        if isinstance(self.coefs, (str, bytes)):
+            raise ValueError(f"{owner}.coefs: expected one number per parent, got {self.coefs!r}")
+        for i, c in enumerate(self.coefs):
+            check_number(owner, f"coefs[{i}]", c)
+        check_number(owner, "intercept", self.intercept)
+        check_number(owner, "sd", self.sd, lo=0)
         object.__setattr__(self, "parents", _as_tuple(self.parents))
         object.__setattr__(self, "coefs", tuple(float(c) for c in self.coefs))
         if len(self.coefs) != len(self.parents):
@@ -661,6 +689,7 @@ class LinearGaussianSCM(_SCMBase):
 
     def mean_cov(self, do: Mapping[str, float] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Mean ``A c`` and covariance ``A diag(sd^2) A^T`` with ``A = (I - B)^{-1}`` (order: ``self.names``)."""
+        _check_values("LinearGaussianSCM.mean_cov", "do", do)
         B, c, sd = self._matrices(do)
         A = np.linalg.inv(np.eye(len(B)) - B)
         return A @ c, A @ np.diag(sd**2) @ A.T
@@ -669,6 +698,8 @@ class LinearGaussianSCM(_SCMBase):
         self, n: int, seed: Seed = None, do: Mapping[str, float] | None = None
     ) -> dict[str, np.ndarray]:
         """Draw ``n`` samples in topological order; ``do={"X": x}`` cuts X's incoming edges and fixes X = x."""
+        _check_n("LinearGaussianSCM.sample", n)
+        _check_values("LinearGaussianSCM.sample", "do", do)
         rng = _rng(seed)
         do = dict(do or {})
         self.causal_graph.check_names(tuple(do), "do")
@@ -690,6 +721,7 @@ class LinearGaussianSCM(_SCMBase):
         self, outcome: str, do: Mapping[str, float] | None = None, given: Mapping[str, float] | None = None
     ) -> float:
         """Gaussian conditioning in the mutilated model: ``mu_y + S_yg S_gg^{-1} (g - mu_g)``."""
+        _check_values("LinearGaussianSCM.exact_mean", "given", given)
         self.causal_graph.check_names(outcome, "outcome")
         given = dict(given or {})
         self.causal_graph.check_names(tuple(given), "given")
@@ -773,6 +805,10 @@ def backdoor_effect(
 
     Validity of the result requires that Z satisfies the back-door criterion (:func:`check_backdoor`).
     """
+    check_choice("backdoor_effect", "method", method, ("auto", "stratify", "regression"))
+    check_number("backdoor_effect", "max_levels", max_levels, lo=1, integer=True)
+    if not isinstance(samples, Mapping):
+        raise TypeError(f"backdoor_effect samples: expected a {{name: column}} dict, got {type(samples).__name__}")
     adjust_for = _as_tuple(adjust_for)
     x_col, y_col = _columns(samples, (treatment, outcome), "treatment/outcome")
     z_cols = _columns(samples, adjust_for, "adjust_for")
@@ -783,10 +819,21 @@ def backdoor_effect(
         method = "stratify" if discrete else "regression"
     if method not in ("stratify", "regression"):
         raise ValueError(f"method must be 'auto', 'stratify' or 'regression', got {method!r}")
-    y = y_col.astype(float)
+    try:
+        y = y_col.astype(float)
+    except (TypeError, ValueError):
+        raise ValueError(f"outcome {outcome!r}: expected a numeric column, got dtype {y_col.dtype}") from None
     n = len(y)
     if n == 0:
-        raise ValueError("samples are empty")
+        raise ValueError(f"samples are empty: columns {[treatment, outcome, *adjust_for]} have no rows; expected at "
+                         "least one sample")
+    if not np.all(np.isfinite(y)):
+        raise ValueError(f"outcome {outcome!r}: expected finite values, got {int((~np.isfinite(y)).sum())} NaN or "
+                         "infinite")
+    for name, col in ((treatment, x_col), *zip(adjust_for, z_cols)):
+        if col.dtype.kind in "fc" and not np.all(np.isfinite(col)):
+            raise ValueError(f"column {name!r}: expected finite values, got {int((~np.isfinite(col)).sum())} NaN or "
+                             "infinite")
     common = {
         "treatment": treatment,
         "outcome": outcome,
@@ -834,8 +881,14 @@ def backdoor_effect(
             **common,
         )
 
-    x = x_col.astype(float)
-    Z = np.stack([z.astype(float) for z in z_cols], axis=1) if z_cols else np.zeros((n, 0))
+    try:
+        x = x_col.astype(float)
+        Z = np.stack([z.astype(float) for z in z_cols], axis=1) if z_cols else np.zeros((n, 0))
+    except (TypeError, ValueError):
+        raise ValueError(f"regression needs numeric columns {[treatment, *adjust_for]}; use method='stratify' for "
+                         "categorical ones") from None
+    if not isinstance(treatment_value, (bool, np.bool_)):
+        check_number("backdoor_effect", "treatment_value", treatment_value)
     design = np.column_stack([np.ones(n), x, Z])
     if np.linalg.matrix_rank(design) < design.shape[1]:
         raise ValueError(f"regression design [1, {treatment}, {list(adjust_for)}] is rank deficient")
@@ -874,8 +927,7 @@ def confounded_discrete(strength: float = 0.8) -> DiscreteSCM:
     while ``E[Y | X=1] = 0.3 + 0.6 P(C=1 | X=1) = 0.6 + 0.27 * strength``. With strength = 0, X is
     independent of C and there is no confounding.
     """
-    if not 0.0 <= float(strength) <= 1.0:
-        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    check_number("confounded_discrete", "strength", strength, lo=0, hi=1)
     px1 = np.array([0.5 - 0.45 * strength, 0.5 + 0.45 * strength])
     py1 = np.array([[0.1 + 0.2 * xv + 0.6 * cv for cv in (0, 1)] for xv in (0, 1)])  # [x, c]
     return DiscreteSCM(
@@ -909,6 +961,8 @@ def linear_gaussian_confounded(a: float = 1.0, b: float = 0.5, c: float = 1.0) -
     Closed forms: ``E[Y | do(X=x)] = b x`` (causal slope b), while the observational slope is
     ``E[Y | X=x] / x = b + a c / (a^2 + 1)`` -- the confounding bias is ``a c / (a^2 + 1)``.
     """
+    for k, v in (("a", a), ("b", b), ("c", c)):
+        check_number("linear_gaussian_confounded", k, v)
     return LinearGaussianSCM(
         (
             LinearGaussianVariable("C"),
@@ -952,6 +1006,7 @@ def restoration_graph(explicit_f: bool = True, split_distortion: bool = False) -
 def confounding_gap(strength: float, n: int = 20_000, seed: Seed = 0) -> dict[str, float]:
     """For :func:`confounded_discrete` at ``strength``: naive E[Y|X=1], back-door adjusted estimate,
     exact E[Y|do(X=1)], and the mean of Y over ``n`` samples drawn under do(X=1)."""
+    check_number("confounding_gap", "n", n, lo=1, integer=True)
     scm = confounded_discrete(strength)
     rng = _rng(seed)
     obs = scm.sample(n, rng)

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -12,11 +15,11 @@ from .paths import artifacts_dir, repo_root, results_dir
 from .utils import atomic_write_json
 
 
-def _kv(items: List[str]) -> dict:
+def _kv(items: List[str], flag: str = "--param") -> dict:
     out = {}
     for it in items or []:
         if "=" not in it:
-            raise SystemExit(f"expected KEY=VALUE, got {it!r}")
+            raise ValueError(f"{flag}: expected KEY=VALUE, got {it!r}")
         k, v = it.split("=", 1)
         try:
             out[k] = json.loads(v)
@@ -27,39 +30,91 @@ def _kv(items: List[str]) -> dict:
     return out
 
 
+def _int_at_least(lo: int):
+    """argparse type: an integer >= ``lo`` (the error names the flag, the value and the rule)."""
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return v
+
+
+def _check_out(path: Path, overwrite: bool, flag: str) -> Path:
+    """Refuse an output path before any work: an existing file without --overwrite, a folder, a missing or
+    read-only parent folder."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{flag} {path} is a folder, expected a file path")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{flag} {path} exists; pass --overwrite to replace it")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{flag} {path}: folder {parent} does not exist (create it first)")
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".causalir-probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"{flag} {path}: folder {parent} is not writable ({e.strerror or e})") from None
+    return path
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from . import data, distortions, models, train
+    from .utils import seed_everything
 
-    model = models.build(a.model, preset=a.preset, **_kv(a.model_cfg))
-    dset = distortions.distortion_set(a.distortion_set)
     cfg = train.TrainConfig(steps=a.steps, batch_size=a.batch_size, patch_size=a.patch_size, lr=a.lr, seed=a.seed,
                             device=a.device, bf16=a.bf16, channels_last=a.channels_last, val_every=a.val_every,
                             ckpt_every=a.ckpt_every)
+    train.check_run_dir(a.run_dir)  # a read-only or foreign folder fails here, before anything is loaded or trained
+    dset = distortions.distortion_set(a.distortion_set)
+    strategy = train.build_strategy(a.strategy, **_kv(a.strategy_cfg, "--strategy-cfg"))
+    model_cfg = _kv(a.model_cfg, "--model-cfg")
+    seed_everything(a.seed)  # the model's initial weights come from --seed too
+    model = models.build(a.model, preset=a.preset, **model_cfg)
     imgs = data.folder_images(a.train_folder) if a.train_folder else data.embedded_images("train")
     val = data.embedded_images("val", max_side=256)
-    res = train.fit(model, train.build_strategy(a.strategy, **_kv(a.strategy_cfg)), imgs, dset.seen, cfg,
-                    val_images=val, val_distortions=dset.all(), run_dir=a.run_dir, resume=True)
+    res = train.fit(model, strategy, imgs, dset.seen, cfg, val_images=val, val_distortions=dset.all(),
+                    run_dir=a.run_dir, resume=True, allow_changed=a.allow_changed)
     print(json.dumps({"run_dir": str(a.run_dir), "counters": res.counters.as_dict(), "wall_time_s": res.wall_time,
                       "last": res.history[-1] if res.history else None}, indent=1, default=str))
     return 0
 
 
 def cmd_evaluate(a: argparse.Namespace) -> int:
-    from . import data, distortions, evaluate, models
+    from . import data, distortions, evaluate, models, train
+    from .utils import atomic_write_bytes
 
+    out = _check_out(a.out, a.overwrite, "--out") if a.out else None
     run = Path(a.run_dir)
-    cfg = json.loads((run / "run.json").read_text())["config"]["model"] if (run / "run.json").exists() else None
-    if cfg is None:
-        raise FileNotFoundError(f"{run} is not a training run (no run.json); train one with `causalir train`")
+    unit, rec = train.find_checkpoint(run, legacy=True)
+    cfg = rec.get("config", {}).get("model") if isinstance(rec.get("config"), dict) else None
+    if not isinstance(cfg, dict) or "name" not in cfg:
+        raise ValueError(f"{unit / 'run.json'} records no model config (config.model.name)")
     cfg = dict(cfg)
     model = models.build(cfg.pop("name"), **cfg)
-    models.load_state(model, run / "model.safetensors")
+    models.load_state(model, unit / "model.safetensors")
     dset = distortions.distortion_set(a.distortion_set)
     imgs = data.folder_images(a.folder, max_side=a.max_side) if a.folder else data.embedded_images("test", max_side=a.max_side)
     df = evaluate.evaluate({run.name: model}, imgs, dset.all(), seed=a.seed, device=a.device)
     print(evaluate.summarize(df).round(2).to_string())
-    if a.out:
-        df.to_csv(a.out, index=False)
+    if out is not None:
+        atomic_write_bytes(out, df.to_csv(index=False).encode("utf-8"))
     return 0
 
 
@@ -67,6 +122,7 @@ def cmd_distort(a: argparse.Namespace) -> int:
     from . import data, distortions
     from .utils import make_generator
 
+    _check_out(a.output, a.overwrite, "output")
     d = distortions.build(a.name, **_kv(a.param))
     img = data.load_image(a.input)[None]
     out = d(img, make_generator(a.seed))
@@ -176,27 +232,30 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy-cfg", nargs="*", default=[], metavar="KEY=VALUE")
     t.add_argument("--distortion-set", default="noise-dil", help="noise-dil | blur-dil | types-dil")
     t.add_argument("--train-folder", default=None, help="folder of training images (default: embedded photos)")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--batch-size", type=int, default=16)
-    t.add_argument("--patch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--steps", type=_int_at_least(0), default=1000)
+    t.add_argument("--batch-size", type=_int_at_least(1), default=16)
+    t.add_argument("--patch-size", type=_int_at_least(8), default=64)
+    t.add_argument("--lr", type=_positive_float, default=2e-4)
+    t.add_argument("--seed", type=_int_at_least(0), default=0, help="seeds the model's initial weights and every draw of the run")
     t.add_argument("--device", default="auto")
     t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
     t.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
-    t.add_argument("--val-every", type=int, default=250)
-    t.add_argument("--ckpt-every", type=int, default=500)
+    t.add_argument("--val-every", type=_int_at_least(0), default=250)
+    t.add_argument("--ckpt-every", type=_int_at_least(0), default=500)
     t.add_argument("--run-dir", required=True, type=Path, help="checkpoints go here; an existing run is resumed")
+    t.add_argument("--allow-changed", nargs="+", default=[], choices=["data", "steps"],
+                   help="resume even though the training images (data) or, under the cosine schedule, --steps changed")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("evaluate", help="PSNR/SSIM table of a trained run on a distortion set")
     e.add_argument("--run-dir", required=True, type=Path)
     e.add_argument("--distortion-set", default="noise-dil")
     e.add_argument("--folder", default=None, help="image folder (default: embedded test photos)")
-    e.add_argument("--max-side", type=int, default=512)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--max-side", type=_int_at_least(1), default=512)
+    e.add_argument("--seed", type=_int_at_least(0), default=0)
     e.add_argument("--device", default="auto")
-    e.add_argument("--out", default=None, help="write the per-image table as CSV")
+    e.add_argument("--out", default=None, type=Path, help="write the per-image table as CSV")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     e.set_defaults(fn=cmd_evaluate)
 
     d = sub.add_parser("distort", help="apply a distortion to an image file")
@@ -204,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("input")
     d.add_argument("output")
     d.add_argument("--param", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. sigma=25 or sigma=[5,50]")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=_int_at_least(0), default=0)
     d.add_argument("--overwrite", action="store_true")
     d.set_defaults(fn=cmd_distort)
 
@@ -216,9 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("names", nargs="*", help="experiment names (see causalir.experiments.EXPERIMENTS)")
     r.add_argument("--notebooks", action="store_true", help="execute every notebook with papermill")
     r.add_argument("--only", nargs="*", default=None, help="with --notebooks: only notebooks whose name contains these")
-    r.add_argument("--jobs", type=int, default=1, help="with --notebooks: notebooks run at once (1 thread each)")
+    r.add_argument("--jobs", type=_int_at_least(1), default=1, help="with --notebooks: notebooks run at once (1 thread each)")
     r.add_argument("--profile", default="quick", help="quick | medium | full")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=_int_at_least(0), default=0)
     r.add_argument("--device", default="auto")
     r.add_argument("--commit", action="store_true", help="write results to data/results (committed) instead of artifacts/")
     r.add_argument("--overwrite", action="store_true", help="with --commit: replace an existing committed result; "
@@ -230,12 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _handled_errors() -> tuple:
+    """The errors main() reports as one line (anything else is a bug and keeps its traceback)."""
+    errs = [KeyError, ValueError, TypeError, RuntimeError, OSError, MemoryError]  # OSError: files, permissions, network
+    try:
+        from PIL import Image
+
+        errs.append(Image.DecompressionBombError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errs)
+
+
+def _one_line(e: BaseException) -> str:
+    msg = e.args[0] if isinstance(e, KeyError) and len(e.args) == 1 and isinstance(e.args[0], str) else str(e)
+    msg = " ".join(msg.split())
+    return msg or type(e).__name__
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (KeyError, ValueError, FileNotFoundError, FileExistsError, ConnectionError, TypeError, RuntimeError) as e:
-        print(f"causalir {args.cmd}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"causalir {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except _handled_errors() as e:
+        print(f"causalir {args.cmd}: error: {_one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -35,6 +35,7 @@ import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
 from .train import STRATEGIES, StepContext, Strategy, TrainConfig, make_optimizer, make_scheduler
+from .utils import check_choice, check_number
 
 Params = Dict[str, torch.Tensor]
 
@@ -61,6 +62,46 @@ class Tasks(NamedTuple):
     outer: List[str]
 
 
+def _check_flag(owner: str, field: str, value: Any) -> None:
+    check_choice(owner, field, value, (True, False))
+
+
+def _check_betas(owner: str, field: str, betas: Any) -> None:
+    """Adam's (beta1, beta2), each in [0, 1)."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{owner}.{field}: expected a pair (beta1, beta2) in [0, 1), got {betas!r}")
+    for i, b in enumerate(betas):
+        check_number(owner, f"{field}[{i}]", b, lo=0, hi=1, hi_open=True)
+
+
+def check_tasks(tasks: Any, owner: str = "tasks") -> "Tasks":
+    """K >= 1 inner/outer batch pairs: float tensors (K, B, ...) with one K, matching batch sizes, finite values."""
+    if not isinstance(tasks, Tasks):
+        raise TypeError(f"{owner}: expected a dil.Tasks (see sample_tasks), got {type(tasks).__name__}")
+    k = None
+    for f in ("x_in", "y_in", "x_out", "y_out"):
+        t = getattr(tasks, f)
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{owner}.{f}: expected a tensor (K, B, C, H, W), got {type(t).__name__}")
+        if t.dim() != 5 or not t.is_floating_point():
+            raise ValueError(f"{owner}.{f}: expected a floating-point tensor (K, B, C, H, W), got shape "
+                             f"{tuple(t.shape)} and dtype {t.dtype}")
+        if k is None:
+            k = t.shape[0]
+        if t.shape[0] != k or k < 1:
+            raise ValueError(f"{owner}.{f}: expected K >= 1 tasks on dim 0, the same for every tensor; got shape "
+                             f"{tuple(t.shape)} (x_in has K={k})")
+        if t.shape[1] < 1 or t.numel() == 0:
+            raise ValueError(f"{owner}.{f}: expected non-empty batches, got shape {tuple(t.shape)}")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{owner}.{f}: expected finite values, got NaN or infinity")
+    for a, b in (("x_in", "y_in"), ("x_out", "y_out")):
+        if getattr(tasks, a).shape[1] != getattr(tasks, b).shape[1]:
+            raise ValueError(f"{owner}: {a} and {b} differ in batch size: {tuple(getattr(tasks, a).shape)} vs "
+                             f"{tuple(getattr(tasks, b).shape)}")
+    return tasks
+
+
 def _perm(n: int, generator: torch.Generator) -> List[int]:
     """The order in which the seen distortions are visited this step (drawn from the loop's generator)."""
     return torch.randperm(n, generator=generator, device=generator.device).tolist()
@@ -73,6 +114,10 @@ def sample_tasks(ctx: StepContext, k: int, paired: bool = True) -> Tasks:
     distorted batch gets its own clean batch."""
     seen = ctx.distortions
     n = len(seen)
+    if n == 0:
+        raise ValueError("sample_tasks: the context has no seen distortions; DIL needs at least one")
+    check_number("sample_tasks", "k", k, integer=True)
+    _check_flag("sample_tasks", "paired", paired)
     if not 1 <= k <= n:
         raise ValueError(f"n_distortions: expected 1..{n} (the number of seen distortions), got {k}")
     perm = _perm(n, ctx.generator)
@@ -113,6 +158,11 @@ def meta_gradient(model: nn.Module, tasks: Tasks, alpha: float, *, serial: bool,
     treated as constants); second-order: the exact :math:`\\nabla_\\theta J` through every inner step."""
     import contextlib
 
+    check_number("meta_gradient", "alpha", alpha, lo=0)
+    _check_flag("meta_gradient", "serial", serial)
+    _check_flag("meta_gradient", "second_order", second_order)
+    _check_flag("meta_gradient", "use_vmap", use_vmap)
+    check_tasks(tasks, "meta_gradient: tasks")
     autocast = autocast or contextlib.nullcontext
     theta = {k: v.detach() for k, v in (params or dict(model.named_parameters())).items()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
@@ -175,6 +225,9 @@ def meta_objective(model: nn.Module, tasks: Tasks, alpha: float, *, serial: bool
     """:math:`J(\\theta)` itself (no gradient), for finite-difference checks of :func:`meta_gradient`."""
     import contextlib
 
+    check_number("meta_objective", "alpha", alpha, lo=0)
+    _check_flag("meta_objective", "serial", serial)
+    check_tasks(tasks, "meta_objective: tasks")
     theta = {k: v.detach() for k, v in (params or dict(model.named_parameters())).items()}
     buffers = {k: v.detach() for k, v in model.named_buffers()}
     loss_at = _loss_fn(model, buffers, loss_fn, contextlib.nullcontext)
@@ -206,12 +259,11 @@ class _PaperDIL(Strategy):
     name: str = field(default="dil", init=False)
 
     def __post_init__(self) -> None:
-        if self.alpha < 0:
-            raise ValueError(f"alpha: expected >= 0, got {self.alpha}")
-        if self.meta_lr is not None and self.meta_lr <= 0:
-            raise ValueError(f"meta_lr: expected > 0 or None, got {self.meta_lr}")
-        if self.n_distortions is not None and self.n_distortions < 1:
-            raise ValueError(f"n_distortions: expected >= 1 or None (all seen), got {self.n_distortions}")
+        check_number(self.name, "alpha", self.alpha, lo=0)
+        check_number(self.name, "meta_lr", self.meta_lr, lo=0, lo_open=True, allow_none=True)
+        check_number(self.name, "n_distortions", self.n_distortions, lo=1, integer=True, allow_none=True)
+        _check_flag(self.name, "paired", self.paired)
+        _check_flag(self.name, "use_vmap", self.use_vmap)
 
     def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
         self.opt = make_optimizer(model.parameters(), cfg, lr=self.meta_lr)
@@ -282,10 +334,12 @@ class DILSerialFirstReference(Strategy):
     name: str = field(default="dil_sf_reference", init=False)
 
     def __post_init__(self) -> None:
-        if self.inner_lr <= 0 or self.meta_lr <= 0:
-            raise ValueError(f"inner_lr and meta_lr must be > 0, got {self.inner_lr}, {self.meta_lr}")
-        if self.n_distortions is not None and self.n_distortions < 1:
-            raise ValueError(f"n_distortions: expected >= 1 or None (all seen), got {self.n_distortions}")
+        check_number(self.name, "inner_lr", self.inner_lr, lo=0, lo_open=True)
+        check_number(self.name, "meta_lr", self.meta_lr, lo=0, lo_open=True)
+        _check_betas(self.name, "inner_betas", self.inner_betas)
+        _check_betas(self.name, "meta_betas", self.meta_betas)
+        check_number(self.name, "n_distortions", self.n_distortions, lo=1, integer=True, allow_none=True)
+        _check_flag(self.name, "paired", self.paired)
 
     def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
         self.task = copy.deepcopy(model)
@@ -337,6 +391,8 @@ class DILSerialFirstReference(Strategy):
 
 def batches_per_step(strategy: str, n_seen: int, n_distortions: Optional[int] = None) -> int:
     """Distorted batches one step of ``strategy`` draws (ERM 1; paper variants 2K; released sf K)."""
+    check_number("batches_per_step", "n_seen", n_seen, lo=1, integer=True)
+    check_number("batches_per_step", "n_distortions", n_distortions, lo=1, integer=True, allow_none=True)
     k = n_distortions or n_seen
     if strategy == "erm":
         return 1

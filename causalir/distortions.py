@@ -19,21 +19,50 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .registry import Registry
-from .utils import check_images
+from .utils import check_choice, check_images, check_number
 
 Param = Union[float, Tuple[float, float]]
 REGISTRY: Registry["Distortion"] = Registry("distortion")
 
 
 def _check_param(name: str, p: Param, lo: float, hi: float) -> None:
-    vals = p if isinstance(p, (tuple, list)) else (p,)
-    if isinstance(p, (tuple, list)) and len(p) != 2:
-        raise ValueError(f"{name}: a range must be a pair (lo, hi), got {p!r}")
-    for v in vals:
-        if not isinstance(v, (int, float)) or not (lo <= float(v) <= hi):
-            raise ValueError(f"{name}: expected a number in [{lo}, {hi}] or a pair of them, got {p!r}")
-    if isinstance(p, (tuple, list)) and p[0] > p[1]:
-        raise ValueError(f"{name}: range must satisfy lo <= hi, got {p!r}")
+    """``name`` ('owner.field') is a number in [lo, hi] or a pair (a, b) of them with a <= b (a per-sample range)."""
+    owner, _, fld = name.partition(".")
+    if isinstance(p, (tuple, list)):
+        if len(p) != 2:
+            raise ValueError(f"{name}: a range must be a pair (lo, hi), got {p!r}")
+        for i, v in enumerate(p):
+            check_number(owner, f"{fld}[{i}]", v, lo=lo, hi=hi)
+        if p[0] > p[1]:
+            raise ValueError(f"{name}: range must satisfy lo <= hi, got {p!r}")
+    else:
+        check_number(owner, fld, p, lo=lo, hi=hi)
+
+
+def _check_flag(owner: str, field: str, value) -> None:
+    check_choice(owner, field, value, (True, False))
+
+
+def _check_odd(owner: str, field: str, value, lo: int) -> None:
+    check_number(owner, field, value, lo=lo, integer=True)
+    if value % 2 != 1:
+        raise ValueError(f"{owner}.{field}: expected an odd integer >= {lo}, got {value!r}")
+
+
+def check_size(x: torch.Tensor, owner: str, min_side: int = 1, why: str = "") -> torch.Tensor:
+    """A validated (N,C,H,W) batch is not empty and every side is >= ``min_side`` (``why`` says what needs it)."""
+    n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+    if n == 0:
+        raise ValueError(f"{owner}: expected at least one image, got an empty batch of shape {tuple(x.shape)}")
+    if min(h, w) < max(min_side, 1):
+        need = f"H and W >= {max(min_side, 1)}" + (f" ({why})" if why else "")
+        raise ValueError(f"{owner}: expected {need}, got an image of {h}x{w}")
+    return x
+
+
+def _kernel_need(size: int) -> Tuple[int, str]:
+    """Reflect padding of a size x size kernel (size // 2 px) must be smaller than every image side."""
+    return size // 2 + 1, f"a {size}x{size} kernel pads {size // 2} px by reflection"
 
 
 def draw(p: Param, n: int, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
@@ -57,6 +86,9 @@ class Distortion:
 
     def __call__(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         check_images(images, f"{self.name} input")
+        check_size(images, f"{self.name} input", *self.size_need())
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"{self.name}: generator: expected a torch.Generator or None, got {type(generator).__name__}")
         if generator is not None and torch.device(generator.device).type != images.device.type:
             raise ValueError(f"{self.name}: generator is on {generator.device} but images are on {images.device}; "
                              "make the generator on the images' device")
@@ -65,6 +97,10 @@ class Distortion:
 
     def _apply(self, x: torch.Tensor, g: Optional[torch.Generator]) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def size_need(self) -> Tuple[int, str]:
+        """(smallest image side accepted, why): a kernel's reflect padding must be smaller than the image."""
+        return 1, ""
 
     @property
     def label(self) -> str:
@@ -83,6 +119,7 @@ class GaussianNoise(Distortion):
 
     def __post_init__(self) -> None:
         _check_param("gaussian_noise.sigma", self.sigma, 0, 255)
+        _check_flag("gaussian_noise", "clip", self.clip)
 
     def _apply(self, x, g):
         s = draw(self.sigma, x.shape[0], g, x.device).view(-1, 1, 1, 1) / 255.0
@@ -116,13 +153,14 @@ class SpatialNoise(Distortion):
     name: str = field(default="spatial_noise", init=False)
 
     def __post_init__(self) -> None:
-        if self.sigma_map not in ("linear", "peaks"):
-            raise ValueError(f"spatial_noise.sigma_map: expected 'linear' or 'peaks', got {self.sigma_map!r}")
+        check_choice("spatial_noise", "sigma_map", self.sigma_map, ("linear", "peaks"))
         _check_param("spatial_noise.sigma_min", self.sigma_min, 0, 255)
         _check_param("spatial_noise.sigma_max", self.sigma_max, 0, 255)
 
     def sigma(self, h: int, w: int, device=None) -> torch.Tensor:
         """The (H, W) sigma map on the 0-255 scale."""
+        check_number("spatial_noise.sigma", "h", h, lo=1, integer=True)
+        check_number("spatial_noise.sigma", "w", w, lo=1, integer=True)
         if self.sigma_map == "linear":
             base = torch.linspace(0, 1, w, device=device).expand(h, w)
         else:
@@ -142,6 +180,7 @@ class SpatialNoise(Distortion):
 def gaussian_kernels(sigma_x: torch.Tensor, sigma_y: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tensor:
     """Batched anisotropic Gaussian kernels (n, size, size), k(u) ∝ exp(-u^T Σ^-1 u / 2),
     Σ = R(θ) diag(σx², σy²) R(θ)^T, normalised to sum 1."""
+    check_number("gaussian_kernels", "size", size, lo=1, integer=True)
     r = (size - 1) / 2
     ax = torch.arange(size, device=sigma_x.device, dtype=torch.float32) - r
     yy, xx = torch.meshgrid(ax, ax, indexing="ij")
@@ -156,6 +195,13 @@ def gaussian_kernels(sigma_x: torch.Tensor, sigma_y: torch.Tensor, theta: torch.
 
 def filter_batch(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     """Convolve each image with its own kernel (kornia.filters.filter2d, reflect borders)."""
+    check_images(x, "filter_batch input", channels=None, check_range=False)
+    if not isinstance(kernels, torch.Tensor) or kernels.dim() != 3 or kernels.shape[-1] != kernels.shape[-2] \
+            or kernels.shape[0] not in (1, x.shape[0]):
+        got = tuple(kernels.shape) if isinstance(kernels, torch.Tensor) else type(kernels).__name__
+        raise ValueError(f"filter_batch: kernels: expected shape (N, k, k) or (1, k, k) for N={x.shape[0]} images, "
+                         f"got {got}")
+    check_size(x, "filter_batch input", *_kernel_need(kernels.shape[-1]))
     return kornia.filters.filter2d(x, kernels.to(x.dtype), border_type="reflect")
 
 
@@ -175,8 +221,11 @@ class GaussianBlur(Distortion):
         if self.sigma_y is not None:
             _check_param("gaussian_blur.sigma_y", self.sigma_y, 0.0, 50)
         _check_param("gaussian_blur.theta", self.theta, -2 * math.pi, 2 * math.pi)
-        if self.kernel_size % 2 != 1 or self.kernel_size < 3:
-            raise ValueError(f"gaussian_blur.kernel_size must be odd and >= 3, got {self.kernel_size}")
+        _check_odd("gaussian_blur", "kernel_size", self.kernel_size, 3)
+
+    def size_need(self) -> Tuple[int, str]:
+        need, why = _kernel_need(self.kernel_size)
+        return need, why + "; use a smaller kernel_size for smaller images"
 
     def kernels(self, n: int, g: Optional[torch.Generator], device) -> torch.Tensor:
         sx = draw(self.sigma, n, g, device)
@@ -238,8 +287,12 @@ class Downsample(Distortion):
 
     def __post_init__(self) -> None:
         _check_param("downsample.scale", self.scale, 1.0, 16.0)
-        if self.mode not in ("bicubic", "bilinear"):
-            raise ValueError(f"downsample.mode: expected 'bicubic' or 'bilinear', got {self.mode!r}")
+        check_choice("downsample", "mode", self.mode, ("bicubic", "bilinear"))
+        _check_flag("downsample", "antialias", self.antialias)
+        _check_flag("downsample", "keep_size", self.keep_size)
+        if isinstance(self.scale, (tuple, list)) and not self.keep_size:
+            raise ValueError("downsample.keep_size: a per-sample scale range needs keep_size=True (sizes would "
+                             f"differ), got keep_size=False with scale={self.scale!r}")
 
     def _one(self, x: torch.Tensor, s: float) -> torch.Tensor:
         h, w = x.shape[-2:]
@@ -265,6 +318,7 @@ class Downsample(Distortion):
 # ------------------------------------------------------------------------------------------------ rain
 def line_kernels(length: torch.Tensor, angle_deg: torch.Tensor, size: int) -> torch.Tensor:
     """Batched motion-line kernels (n, size, size): a soft line of the given length through the centre."""
+    check_number("line_kernels", "size", size, lo=1, integer=True)
     r = (size - 1) / 2
     ax = torch.arange(size, device=length.device, dtype=torch.float32) - r
     yy, xx = torch.meshgrid(ax, ax, indexing="ij")
@@ -316,6 +370,9 @@ class Rain(Distortion):
         _check_param("rain.angle", self.angle, -90, 90)
         _check_param("rain.intensity", self.intensity, 0, 1)
 
+    def size_need(self) -> Tuple[int, str]:
+        return _kernel_need(41)  # the streaks' line kernel
+
     def streaks(self, n: int, h: int, w: int, g: Optional[torch.Generator], device) -> torch.Tensor:
         """The streak layer s in [0,1], shape (n,1,h,w)."""
         s, length = smeared_drops(self.density, self.length, self.angle, 0.5, 41, n, h, w, g, device)
@@ -347,8 +404,10 @@ class Snow(Distortion):
         for n, p, lo, hi in (("density", self.density, 0, 1), ("length", self.length, 1, 9),
                              ("angle", self.angle, -90, 90), ("intensity", self.intensity, 0, 1)):
             _check_param(f"snow.{n}", p, lo, hi)
-        if self.size < 1 or self.size % 2 == 0:
-            raise ValueError(f"snow.size: expected an odd int >= 1, got {self.size}")
+        _check_odd("snow", "size", self.size, 1)
+
+    def size_need(self) -> Tuple[int, str]:
+        return _kernel_need(9)  # the flakes' line kernel
 
     def flakes(self, n: int, h: int, w: int, g: Optional[torch.Generator], device) -> torch.Tensor:
         """The flake layer s in [0,1], shape (n,1,h,w)."""
@@ -408,8 +467,14 @@ class Compose(Distortion):
     name: str = field(default="compose", init=False)
 
     def __post_init__(self) -> None:
-        if not self.parts or not all(isinstance(p, Distortion) for p in self.parts):
-            raise ValueError("compose: expected a non-empty sequence of distortions")
+        if not isinstance(self.parts, (tuple, list)) or not self.parts:
+            raise ValueError(f"compose.parts: expected a non-empty sequence of distortions, got {self.parts!r}")
+        for i, p in enumerate(self.parts):
+            if not isinstance(p, Distortion):
+                raise TypeError(f"compose.parts[{i}]: expected a Distortion, got {type(p).__name__}")
+
+    def size_need(self) -> Tuple[int, str]:
+        return max((p.size_need() for p in self.parts), key=lambda t: t[0])
 
     def _apply(self, x, g):
         for p in self.parts:
@@ -463,8 +528,13 @@ def names() -> list[str]:
 def apply_random(distortions: Sequence[Distortion], images: torch.Tensor,
                  generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Give every sample one distortion drawn uniformly from ``distortions``; returns (distorted, index)."""
-    if not distortions:
-        raise ValueError("apply_random: expected at least one distortion")
+    if not isinstance(distortions, (tuple, list)) or not distortions:
+        raise ValueError(f"apply_random: distortions: expected a non-empty sequence of distortions, got {distortions!r}")
+    for i, d in enumerate(distortions):
+        if not isinstance(d, Distortion):
+            raise TypeError(f"apply_random: distortions[{i}]: expected a Distortion, got {type(d).__name__}")
+    check_images(images, "apply_random images")
+    check_size(images, "apply_random images")
     n = images.shape[0]
     idx = torch.randint(len(distortions), (n,), generator=generator, device=images.device)
     out = torch.empty_like(images)
@@ -487,6 +557,12 @@ class DistortionSet:
     def __post_init__(self) -> None:
         if not self.seen:
             raise ValueError(f"DistortionSet {self.name!r}: needs at least one seen distortion")
+        for field_, ds in (("seen", self.seen), ("unseen", self.unseen)):
+            if not isinstance(ds, (tuple, list)):
+                raise TypeError(f"DistortionSet.{field_}: expected a sequence of distortions, got {type(ds).__name__}")
+            for i, d in enumerate(ds):
+                if not isinstance(d, Distortion):
+                    raise TypeError(f"DistortionSet.{field_}[{i}]: expected a Distortion, got {type(d).__name__}")
 
     def sample(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Distort each sample with a seen distortion drawn uniformly (the ERM training distribution)."""
@@ -554,11 +630,10 @@ DEGREES: dict[str, tuple[str, float, float, float]] = {
 
 def with_degree(name: str, degree: float, **params) -> Distortion:
     """The distortion ``name`` with its main knob (see ``DEGREES``) set to ``degree``."""
-    if name not in DEGREES:
+    if not isinstance(name, str) or name not in DEGREES:
         raise KeyError(f"no degree knob for {name!r}; valid names: {', '.join(DEGREES)}")
     knob, lo, hi, _ = DEGREES[name]
-    if not lo <= degree <= hi:
-        raise ValueError(f"{name}: degree ({knob}) must be in [{lo}, {hi}], got {degree}")
+    check_number(name, f"degree ({knob})", degree, lo=lo, hi=hi)
     return build(name, **{knob: degree}, **params)
 
 
@@ -567,6 +642,7 @@ def preview(image: torch.Tensor, name: str, degree: float, seed: int = 0) -> tup
     from .metrics import psnr, ssim
 
     check_images(image, "image", batched=False)
+    check_number("preview", "seed", seed, integer=True)
     g = torch.Generator(device=image.device).manual_seed(seed)
     out = with_degree(name, degree)(image[None], g)[0]
     return out, psnr(out, image), ssim(out, image)

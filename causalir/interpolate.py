@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call
 
+from .utils import check_choice, check_number
+
 State = Mapping[str, torch.Tensor]
 
 __all__ = ["interpolate_states", "blend_states", "interpolate_model", "blend_models", "restore_interpolated",
@@ -55,8 +57,19 @@ def _as_state(m: nn.Module | State) -> Dict[str, torch.Tensor]:
 def blend_states(states: Sequence[State], weights: Sequence[float] | torch.Tensor, *, atol: float = 1e-6,
                  allow_extrapolation: bool = False) -> Dict[str, torch.Tensor]:
     """theta = sum_j w_j theta_j with sum_j w_j = 1 (DNI for several nets). Integer tensors must be equal."""
+    if isinstance(states, (nn.Module, Mapping)) or not isinstance(states, (list, tuple)):
+        raise TypeError(f"blend_states: states: expected a sequence of models or state dicts, got "
+                        f"{type(states).__name__}")
     states = [_as_state(s) for s in states]
-    w = [float(x) for x in (weights.tolist() if isinstance(weights, torch.Tensor) else weights)]
+    if isinstance(weights, torch.Tensor) or type(weights).__module__ == "numpy":  # tensors and numpy arrays
+        weights = weights.tolist() if getattr(weights, "ndim", 1) == 1 else [weights.tolist()]
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, (list, tuple)):
+        raise TypeError(f"blend_states: weights: expected a sequence of numbers, got {type(weights).__name__}")
+    for j, x in enumerate(weights):
+        check_number("blend_states", f"weights[{j}]", x)
+    check_number("blend_states", "atol", atol, lo=0)
+    check_choice("blend_states", "allow_extrapolation", allow_extrapolation, (True, False))
+    w = [float(x) for x in weights]
     if len(states) == 0:
         raise ValueError("blend_states: expected at least one state")
     if len(w) != len(states):
@@ -85,6 +98,7 @@ def blend_states(states: Sequence[State], weights: Sequence[float] | torch.Tenso
 def interpolate_states(state_a: State | nn.Module, state_b: State | nn.Module, alpha: float, *,
                        allow_extrapolation: bool = False) -> Dict[str, torch.Tensor]:
     """theta(alpha) = alpha * theta_A + (1 - alpha) * theta_B; alpha=1 -> A and alpha=0 -> B exactly."""
+    check_number("interpolate_states", "alpha", alpha)
     alpha = float(alpha)
     if not math.isfinite(alpha):
         raise ValueError(f"alpha must be finite, got {alpha}")
@@ -95,6 +109,9 @@ def interpolate_states(state_a: State | nn.Module, state_b: State | nn.Module, a
 
 def interpolate_model(model_a: nn.Module, model_b: nn.Module, alpha: float, **kw: Any) -> nn.Module:
     """A new module (a copy of ``model_a``) holding theta(alpha)."""
+    for fld, mod in (("model_a", model_a), ("model_b", model_b)):
+        if not isinstance(mod, nn.Module):
+            raise TypeError(f"interpolate_model: {fld}: expected an nn.Module, got {type(mod).__name__}")
     m = copy.deepcopy(model_a)
     m.load_state_dict(interpolate_states(model_a, model_b, alpha, **kw))
     return m.eval()
@@ -102,6 +119,11 @@ def interpolate_model(model_a: nn.Module, model_b: nn.Module, alpha: float, **kw
 
 def blend_models(models: Sequence[nn.Module], weights: Sequence[float], **kw: Any) -> nn.Module:
     """A new module holding sum_j w_j theta_j."""
+    if not isinstance(models, (list, tuple)) or not models:
+        raise ValueError(f"blend_models: models: expected a non-empty sequence of nn.Modules, got {models!r}")
+    for j, mod in enumerate(models):
+        if not isinstance(mod, nn.Module):
+            raise TypeError(f"blend_models: models[{j}]: expected an nn.Module, got {type(mod).__name__}")
     m = copy.deepcopy(models[0])
     m.load_state_dict(blend_states(list(models), weights, **kw))
     return m.eval()
@@ -112,9 +134,17 @@ def restore_interpolated(model_a: nn.Module, model_b: nn.Module, alpha: float, x
     [0,1]. This is the function the notebook's slider calls."""
     from .utils import check_images
 
+    for fld, mod in (("model_a", model_a), ("model_b", model_b)):
+        if not isinstance(mod, nn.Module):
+            raise TypeError(f"restore_interpolated: {fld}: expected an nn.Module, got {type(mod).__name__}")
     check_images(x, "x")
+    if x.shape[0] == 0 or min(x.shape[-2:]) == 0:
+        raise ValueError(f"x: expected a non-empty batch of non-empty images, got shape {tuple(x.shape)}")
     state = interpolate_states(model_a, model_b, alpha)
-    dev = next(model_a.parameters()).device
+    p = next(model_a.parameters(), None)
+    if p is None:
+        raise ValueError("restore_interpolated: model_a has no parameters")
+    dev = p.device
     with torch.no_grad():
         return functional_call(model_a.eval(), state, (x.to(dev),)).clamp(0, 1)
 
@@ -124,6 +154,8 @@ def weight_distance(a: nn.Module | State, b: nn.Module | State) -> Dict[str, flo
     independently trained ones are not (why DNI needs correlated nets)."""
     sa, sb = _as_state(a), _as_state(b)
     _check_compatible([sa, sb])
+    if not any(v.is_floating_point() for v in sa.values()):
+        raise ValueError("weight_distance: the states hold no floating-point tensors to compare")
     va = torch.cat([v.flatten().double() for v in sa.values() if v.is_floating_point()])
     vb = torch.cat([sb[k].flatten().double() for k, v in sa.items() if v.is_floating_point()])
     return {"l2": float((va - vb).norm()), "relative_l2": float((va - vb).norm() / va.norm().clamp_min(1e-12)),
@@ -139,6 +171,15 @@ def dni_sweep(model_a: nn.Module, model_b: nn.Module, alphas: Sequence[float], i
 
     from . import distortions, evaluate
 
+    for arg, seq in (("alphas", alphas), ("sigmas", sigmas)):
+        if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple)) or not seq:
+            raise ValueError(f"dni_sweep: {arg}: expected a non-empty sequence of numbers, got {seq!r}")
+        for j, v in enumerate(seq):
+            check_number("dni_sweep", f"{arg}[{j}]", v, lo=0, hi=1 if arg == "alphas" else None)
+    for arg, keys in (("alphas", [f"{a:.4f}" for a in alphas]), ("sigmas", [f"{s:g}" for s in sigmas])):
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"dni_sweep: {arg}: expected distinct values (alphas to 4 decimals, sigmas as printed), "
+                             f"got {list(alphas if arg == 'alphas' else sigmas)}")
     levels = {f"σ={s:g}": distortions.GaussianNoise(float(s)) for s in sigmas}
     sig_of = {f"σ={s:g}": float(s) for s in sigmas}
     nets = {f"{a:.4f}": interpolate_model(model_a, model_b, a) for a in alphas}

@@ -3,6 +3,7 @@ FAIG) and a small window-attention transformer in the spirit of SwinIR. ``build(
 every built model carries ``model.config`` so checkpoints can rebuild it."""
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -14,7 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from .registry import Registry
-from .utils import PathLike, atomic_write_bytes, atomic_write_json
+from .utils import PathLike, atomic_write_bytes, atomic_write_json, check_choice, check_number
 
 REGISTRY: Registry[nn.Module] = Registry("model")
 
@@ -28,6 +29,38 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
 }
 
 
+# ------------------------------------------------------------------------------------------------ checks
+def _check_sizes(owner: str, **sizes: Any) -> None:
+    """Every model size is an integer >= 1 (``depth``-like minima are checked by the caller)."""
+    for field, value in sizes.items():
+        check_number(owner, field, value, lo=1, integer=True)
+
+
+def _check_flag(owner: str, field: str, value: Any) -> None:
+    check_choice(owner, field, value, (True, False))
+
+
+def check_input(x: Any, owner: str, in_ch: int, min_side: int = 1, why: str = "") -> torch.Tensor:
+    """A model input: a float tensor (N, in_ch, H, W) with N >= 1 and H, W >= ``min_side`` (``why`` says what
+    needs that size). Checked before any layer runs, so a bad input never fails inside torch."""
+    name = f"{owner} input"
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor (N,{in_ch},H,W), got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{name}: expected shape (N,{in_ch},H,W), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[1] != in_ch:
+        raise ValueError(f"{name}: expected {in_ch} channels at dim 1 of (N,{in_ch},H,W), got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one image, got an empty batch of shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if min(h, w) < max(min_side, 1):
+        need = f"H and W >= {max(min_side, 1)}" + (f" ({why})" if why else "")
+        raise ValueError(f"{name}: expected {need}, got an image of {h}x{w}")
+    return x
+
+
 # ------------------------------------------------------------------------------------------------- DnCNN
 class DnCNN(nn.Module):
     """DnCNN (Zhang et al. 2017) without batch norm: conv-ReLU, (depth-2) x conv-ReLU, conv; predicts the
@@ -35,6 +68,10 @@ class DnCNN(nn.Module):
 
     def __init__(self, in_ch: int = 3, nf: int = 64, depth: int = 17, residual: bool = True) -> None:
         super().__init__()
+        _check_sizes("dncnn", in_ch=in_ch, nf=nf)
+        check_number("dncnn", "depth", depth, lo=2, integer=True)  # head + tail convs
+        _check_flag("dncnn", "residual", residual)
+        self.in_ch = in_ch
         layers: list[nn.Module] = [nn.Conv2d(in_ch, nf, 3, padding=1), nn.ReLU(inplace=True)]
         for _ in range(depth - 2):
             layers += [nn.Conv2d(nf, nf, 3, padding=1), nn.ReLU(inplace=True)]
@@ -43,6 +80,7 @@ class DnCNN(nn.Module):
         self.residual = residual
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, "dncnn", self.in_ch)
         r = self.body(x)
         return x - r if self.residual else r
 
@@ -92,6 +130,8 @@ class RRDBNet(nn.Module):
 
     def __init__(self, in_ch: int = 3, nf: int = 64, nb: int = 23, gc: int = 32) -> None:
         super().__init__()
+        _check_sizes("rrdb", in_ch=in_ch, nf=nf, nb=nb, gc=gc)
+        self.in_ch = in_ch
         self.conv_first = nn.Conv2d(in_ch, nf, 3, padding=1)
         self.trunk = nn.Sequential(*[RRDB(nf, gc) for _ in range(nb)])
         self.trunk_conv = nn.Conv2d(nf, nf, 3, padding=1)
@@ -100,6 +140,7 @@ class RRDBNet(nn.Module):
         self.act = nn.LeakyReLU(0.2, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, "rrdb", self.in_ch)
         fea = self.conv_first(x)
         fea = fea + self.trunk_conv(self.trunk(fea))
         return self.conv_last(self.act(self.hr_conv(fea)))
@@ -123,8 +164,11 @@ class SRResNet(nn.Module):
 
     def __init__(self, in_ch: int = 3, nf: int = 64, nb: int = 16, scale: int = 2) -> None:
         super().__init__()
+        _check_sizes("srresnet", in_ch=in_ch, nf=nf, nb=nb)
+        check_number("srresnet", "scale", scale, integer=True)
         if scale != 2:
-            raise ValueError(f"srresnet: only scale=2 is implemented, got {scale}")
+            raise ValueError(f"srresnet.scale: expected 2 (only x2 is implemented), got {scale!r}")
+        self.in_ch = in_ch
         self.scale = scale
         self.conv_first = nn.Conv2d(in_ch, nf, 3, padding=1)
         self.body = nn.Sequential(*[ResidualBlockNoBN(nf) for _ in range(nb)])
@@ -135,6 +179,7 @@ class SRResNet(nn.Module):
         self.act = nn.LeakyReLU(0.1, inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, "srresnet", self.in_ch)
         fea = self.act(self.conv_first(x))
         fea = self.body(fea)
         fea = self.act(self.shuffle(self.upconv(fea)))
@@ -213,8 +258,16 @@ class WindowTransformer(nn.Module):
 
     def __init__(self, in_ch: int = 3, dim: int = 32, depths: tuple = (2, 2), heads: int = 4, window: int = 8) -> None:
         super().__init__()
+        _check_sizes("swinir", in_ch=in_ch, dim=dim, heads=heads, window=window)
+        if not isinstance(depths, (tuple, list)) or not depths:
+            raise (ValueError if isinstance(depths, (tuple, list)) else TypeError)(
+                f"swinir.depths: expected a non-empty sequence of integers >= 1 (blocks per group), got {depths!r}")
+        for i, d in enumerate(depths):
+            check_number("swinir", f"depths[{i}]", d, lo=1, integer=True)
         if dim % heads:
-            raise ValueError(f"swinir: dim ({dim}) must be divisible by heads ({heads})")
+            raise ValueError(f"swinir.heads: expected a divisor of dim={dim} (dim must be divisible by heads), "
+                             f"got {heads!r}")
+        self.in_ch = in_ch
         self.window = window
         self.embed = nn.Conv2d(in_ch, dim, 3, padding=1)
         self.groups = nn.ModuleList()
@@ -228,8 +281,11 @@ class WindowTransformer(nn.Module):
         self.out = nn.Conv2d(dim, in_ch, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
         ws = self.window
+        # reflect padding to a multiple of the window needs every side > window / 2
+        check_input(x, "swinir", self.in_ch, ws // 2 + 1,
+                    f"reflect padding to a multiple of window={ws} needs each side > {ws / 2:g}")
+        h, w = x.shape[-2:]
         ph, pw = (-h) % ws, (-w) % ws
         xp = F.pad(x, (0, pw, 0, ph), mode="reflect") if (ph or pw) else x
         fea = self.embed(xp)
@@ -252,16 +308,18 @@ def _factory(name: str):
     def make(preset: Optional[str] = None, **cfg: Any) -> nn.Module:
         full: Dict[str, Any] = {}
         if preset is not None:
-            if preset not in PRESETS[name]:
+            if not isinstance(preset, str) or preset not in PRESETS[name]:
                 raise KeyError(f"unknown preset {preset!r} for {name}; valid presets: {', '.join(PRESETS[name])}")
             full.update(PRESETS[name][preset])
         full.update(cfg)
-        if "depths" in full:
+        fields = [p for p in inspect.signature(_CLASSES[name]).parameters]
+        unknown = sorted(set(full) - set(fields))
+        if unknown:
+            raise TypeError(f"bad config for model {name!r}: unknown field(s) {', '.join(unknown)}; valid fields: "
+                            f"{', '.join(fields)}")
+        if isinstance(full.get("depths"), (tuple, list)):
             full["depths"] = tuple(full["depths"])
-        try:
-            model = _CLASSES[name](**full)
-        except TypeError as e:
-            raise TypeError(f"bad config for model {name!r}: {e}") from None
+        model = _CLASSES[name](**full)
         model.config = {"name": name, **full}  # type: ignore[attr-defined]
         return model
 
@@ -290,7 +348,13 @@ def count_flops(model: nn.Module, input_shape: tuple = (1, 3, 64, 64)) -> int:
     """FLOPs of one forward pass (torch.utils.flop_counter; one multiply-accumulate = 2 FLOPs)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    p = next(model.parameters())
+    if not isinstance(input_shape, (tuple, list)) or len(input_shape) != 4:
+        raise ValueError(f"count_flops.input_shape: expected (N, C, H, W), got {input_shape!r}")
+    for i, v in enumerate(input_shape):
+        check_number("count_flops", f"input_shape[{i}]", v, lo=1, integer=True)
+    p = next(model.parameters(), None)
+    if p is None:
+        raise ValueError("count_flops: the model has no parameters (its device and dtype are unknown)")
     x = torch.zeros(input_shape, device=p.device, dtype=p.dtype)
     with torch.no_grad(), FlopCounterMode(display=False) as fc:
         model(x)
@@ -341,7 +405,8 @@ def load_model(path: PathLike, device: str | torch.device = "cpu") -> nn.Module:
         raise FileNotFoundError(f"model config not found: {js}")
     try:
         cfg = dict(json.loads(js.read_text())["config"])
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"could not read model config {js}: {e}") from None
-    model = build(cfg.pop("name"), **cfg)
+        name = cfg.pop("name")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"could not read model config {js}: {type(e).__name__}: {e}") from None
+    model = build(name, **cfg)
     return load_state(model, path.with_suffix(".safetensors")).to(device)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -30,9 +31,44 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .train import TrainConfig, make_optimizer, make_scheduler
-from .utils import check_images, make_generator
+from .utils import check_choice, check_images, check_number, make_generator
 
 REGION, STRIDE = 63, 53
+
+
+# ------------------------------------------------------------------------------------------- input checks
+def _check_x(x: Any, name: str, *, nonempty: bool = False, check_range: bool = True) -> torch.Tensor:
+    """check_images (3 channels), at least 1x1 pixels, a non-empty batch (``nonempty``) and finite values (also
+    when the [0, 1] range is not checked)."""
+    check_images(x, name, check_range=check_range)
+    if nonempty and x.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(x.shape)}")
+    if min(x.shape[-2:]) < 1:
+        raise ValueError(f"{name}: expected images of at least 1x1 pixels, got shape {tuple(x.shape)}")
+    if not check_range and x.numel() and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name}: expected finite values, got NaN or infinity")
+    return x
+
+
+def _check_int_tensor(name: str, a: Any, shape: Tuple[int, ...], n_paths: int) -> torch.Tensor:
+    """An integer tensor of ``shape`` with values in [0, n_paths)."""
+    if not isinstance(a, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor of path indices, got {type(a).__name__}")
+    if a.is_floating_point() or a.is_complex() or a.dtype == torch.bool:
+        raise ValueError(f"{name}: expected integer path indices in [0, {n_paths - 1}], got dtype {a.dtype}")
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(a.shape)}")
+    if a.numel() and (int(a.min()) < 0 or int(a.max()) >= n_paths):
+        raise ValueError(f"{name}: actions must lie in [0, {n_paths - 1}], got range [{int(a.min())}, "
+                         f"{int(a.max())}]")
+    return a
+
+
+def _check_vector(name: str, v: Any, n: int) -> torch.Tensor:
+    if not isinstance(v, torch.Tensor) or tuple(v.shape) != (n,):
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"{name}: expected shape ({n},), got {got}")
+    return v
 
 
 # ------------------------------------------------------------------------------------------------ configs
@@ -48,11 +84,24 @@ class MultiPathConfig:
     pf_hidden: int = 32
 
     def __post_init__(self) -> None:
+        o = "MultiPathConfig"
+        if isinstance(self.path_blocks, (str, bytes)) or not isinstance(self.path_blocks, Sequence):
+            raise ValueError(f"{o}.path_blocks: expected (0, k1, k2, ...) with the bypass first and k >= 1, got "
+                             f"{self.path_blocks!r}")
         pb = tuple(self.path_blocks)
+        for i, k in enumerate(pb):
+            check_number(o, f"path_blocks[{i}]", k, lo=0, integer=True)
         if len(pb) < 2 or pb[0] != 0 or any(int(k) < 1 for k in pb[1:]):
-            raise ValueError(f"path_blocks: expected (0, k1, k2, ...) with the bypass first and k >= 1, got {pb!r}")
-        if self.nf < 1 or self.num_blocks < 1:
-            raise ValueError(f"nf and num_blocks must be >= 1, got nf={self.nf}, num_blocks={self.num_blocks}")
+            raise ValueError(f"{o}.path_blocks: expected (0, k1, k2, ...) with the bypass first and k >= 1, got "
+                             f"{pb!r}")
+        for k in ("nf", "num_blocks", "pf_hidden"):
+            check_number(o, k, getattr(self, k), lo=1, integer=True)
+        check_choice(o, "global_skip", self.global_skip, (False, True))
+        pc = self.pf_channels
+        if isinstance(pc, (str, bytes)) or not isinstance(pc, Sequence) or len(pc) != 2:
+            raise ValueError(f"{o}.pf_channels: expected 2 integer widths >= 1, got {pc!r}")
+        for i, c in enumerate(pc):
+            check_number(o, f"pf_channels[{i}]", c, lo=1, integer=True)
         object.__setattr__(self, "path_blocks", pb)
         object.__setattr__(self, "pf_channels", tuple(self.pf_channels))
 
@@ -128,10 +177,7 @@ class DynamicBlock(nn.Module):
 
 def apply_paths(paths: Sequence[nn.Module], y: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """out[n] = paths[a[n]](y[n]), computed by grouping the samples of each path (differentiable gather/scatter)."""
-    if a.shape != (y.shape[0],):
-        raise ValueError(f"actions: expected shape ({y.shape[0]},), got {tuple(a.shape)}")
-    if a.numel() and (int(a.min()) < 0 or int(a.max()) >= len(paths)):
-        raise ValueError(f"actions must lie in [0, {len(paths) - 1}], got range [{int(a.min())}, {int(a.max())}]")
+    _check_int_tensor("apply_paths actions", a, (y.shape[0],), len(paths))
     first = int(a[0]) if a.numel() else 0
     if bool((a == first).all()):
         return paths[first](y)
@@ -178,12 +224,14 @@ class PathRestore(nn.Module):
         modes = ("greedy", "sample", "random", "fixed")
         if mode not in modes:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(modes)}")
-        check_images(x, "x", check_range=False)
+        _check_x(x, "PathRestore.rollout x", check_range=False)
+        check_number("PathRestore.rollout", "temperature", temperature, lo=0, lo_open=True)
         n, nb = x.shape[0], self.cfg.num_blocks
         if mode == "fixed":
             if actions is None or tuple(actions.shape) != (n, nb):
                 got = None if actions is None else tuple(actions.shape)
                 raise ValueError(f"mode 'fixed' needs actions of shape ({n}, {nb}), got {got}")
+            _check_int_tensor("PathRestore.rollout actions", actions, (n, nb), self.num_paths)
             actions = actions.to(x.device).long()
         elif mode == "random":
             actions = torch.randint(self.num_paths, (n, nb), generator=generator, device=x.device)
@@ -218,6 +266,9 @@ class PathRestore(nn.Module):
 # ------------------------------------------------------------------------------------------------ FLOPs
 def conv_flops(cin: int, cout: int, k: int, h: int, w: int, stride: int = 1, pad: Optional[int] = None) -> int:
     """2 * MACs of a k x k convolution (bias not counted, as torch.utils.flop_counter)."""
+    for name, v in (("cin", cin), ("cout", cout), ("k", k), ("h", h), ("w", w), ("stride", stride)):
+        check_number("conv_flops", name, v, lo=1, integer=True)
+    check_number("conv_flops", "pad", pad, lo=0, integer=True, allow_none=True)
     pad = k // 2 if pad is None else pad
     ho, wo = (h + 2 * pad - k) // stride + 1, (w + 2 * pad - k) // stride + 1
     return 2 * cin * cout * k * k * ho * wo
@@ -245,6 +296,10 @@ class FlopTable:
 
 def flop_table(cfg: MultiPathConfig, h: int = REGION, w: int = REGION) -> FlopTable:
     """Analytic FLOPs of every component on an h x w region."""
+    if not isinstance(cfg, MultiPathConfig):
+        raise TypeError(f"flop_table cfg: expected a MultiPathConfig, got {type(cfg).__name__}")
+    check_number("flop_table", "h", h, lo=1, integer=True)
+    check_number("flop_table", "w", w, lo=1, integer=True)
     nf = cfg.nf
     conv = conv_flops(nf, nf, 3, h, w)
     head_tail = 2 * conv_flops(3, nf, 3, h, w)
@@ -261,8 +316,10 @@ def region_flops(cfg: MultiPathConfig, actions: torch.Tensor, h: int = REGION, w
     """FLOPs (B,) of each region from the paths it took, actions (B,N): head + tail + sum_i [shared +
     path(a_i) (+ pathfinder step)]."""
     t = flop_table(cfg, h, w)
-    if actions.dim() != 2 or actions.shape[1] != cfg.num_blocks:
-        raise ValueError(f"actions: expected shape (B, {cfg.num_blocks}), got {tuple(actions.shape)}")
+    if not isinstance(actions, torch.Tensor) or actions.dim() != 2 or actions.shape[1] != cfg.num_blocks:
+        got = tuple(actions.shape) if isinstance(actions, torch.Tensor) else type(actions).__name__
+        raise ValueError(f"actions: expected shape (B, {cfg.num_blocks}), got {got}")
+    _check_int_tensor("region_flops actions", actions, tuple(actions.shape), len(cfg.path_blocks))
     cost = torch.tensor(t.paths, dtype=torch.float64)[actions.cpu().long()].sum(1)
     per_block = t.shared + (t.pathfinder_step if pathfinder else 0)
     return cost + t.head_tail + cfg.num_blocks * per_block
@@ -286,6 +343,10 @@ def measured_flops(fn: Callable[[torch.Tensor], Any], x: torch.Tensor) -> int:
 # ------------------------------------------------------------------------------------------ region tiling
 def region_starts(size: int, region: int = REGION, stride: int = STRIDE) -> List[int]:
     """Start offsets along one side: 0, stride, 2*stride, ... plus a last region flush with the border."""
+    for name, v in (("size", size), ("region", region), ("stride", stride)):
+        check_number("region_starts", name, v, integer=True)
+    if size < 1:
+        raise ValueError(f"region_starts.size: expected an integer >= 1 (an image side), got {size!r}")
     if region < 1 or stride < 1 or stride > region:
         raise ValueError(f"expected 1 <= stride <= region (no gaps), got region={region}, stride={stride}")
     if size <= region:
@@ -299,9 +360,15 @@ def region_starts(size: int, region: int = REGION, stride: int = STRIDE) -> List
 def extract_regions(x: torch.Tensor, region: int = REGION, stride: int = STRIDE):
     """(1,C,H,W) -> regions (R,C,rh,rw) and their (top, left) offsets; (rh, rw) = (min(region, H),
     min(region, W)) so that images smaller than a region are one region along that side."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"extract_regions: expected a torch.Tensor, got {type(x).__name__}")
     if x.dim() != 4 or x.shape[0] != 1:
-        raise ValueError(f"expected one image of shape (1,C,H,W), got {tuple(x.shape)}")
+        raise ValueError(f"extract_regions: expected one image of shape (1,C,H,W), got {tuple(x.shape)}")
     hgt, wid = x.shape[-2:]
+    if min(hgt, wid) < 1:
+        raise ValueError(f"extract_regions: expected an image of at least 1x1 pixels, got {hgt}x{wid}")
+    check_number("extract_regions", "region", region, lo=1, integer=True)
+    check_number("extract_regions", "stride", stride, lo=1, hi=region, integer=True)
     rh, rw = min(region, hgt), min(region, wid)
     tops, lefts = region_starts(hgt, rh, min(stride, rh)), region_starts(wid, rw, min(stride, rw))
     pos = [(t, l) for t in tops for l in lefts]
@@ -311,7 +378,18 @@ def extract_regions(x: torch.Tensor, region: int = REGION, stride: int = STRIDE)
 
 def merge_regions(regions: torch.Tensor, pos: Sequence[Tuple[int, int]], shape: Tuple[int, int]) -> torch.Tensor:
     """Put regions (R,C,rh,rw) back at their offsets and average the overlaps -> (1,C,H,W)."""
+    if not isinstance(regions, torch.Tensor) or regions.dim() != 4:
+        got = tuple(regions.shape) if isinstance(regions, torch.Tensor) else type(regions).__name__
+        raise ValueError(f"merge_regions regions: expected (R,C,rh,rw), got {got}")
+    if len(pos) != regions.shape[0]:
+        raise ValueError(f"merge_regions: {regions.shape[0]} regions but {len(pos)} positions")
+    if len(shape) != 2:
+        raise ValueError(f"merge_regions shape: expected (H, W), got {shape!r}")
     rh, rw = regions.shape[-2:]
+    for t, l in pos:
+        if t < 0 or l < 0 or t + rh > shape[0] or l + rw > shape[1]:
+            raise ValueError(f"merge_regions: a {rh}x{rw} region at ({t}, {l}) does not fit in the image "
+                             f"{shape[0]}x{shape[1]}")
     out = regions.new_zeros(1, regions.shape[1], *shape)
     cnt = regions.new_zeros(1, 1, *shape)
     for k, (t, l) in enumerate(pos):
@@ -354,7 +432,11 @@ def restore_by_regions(model: nn.Module, x: torch.Tensor, region: int = REGION, 
     """Restore one image (1,3,H,W) region by region (overlaps averaged). A :class:`PathRestore` runs greedily
     with its pathfinder and FLOPs come from the paths taken; any other model costs ``flops_per_region`` (measured
     with the flop counter on one region when not given)."""
-    check_images(x, "x")
+    _check_x(x, "restore_by_regions x")
+    if x.shape[0] != 1:
+        raise ValueError(f"restore_by_regions x: expected one image of shape (1,C,H,W), got {tuple(x.shape)}")
+    check_number("restore_by_regions", "batch", batch, lo=1, integer=True)
+    check_number("restore_by_regions", "flops_per_region", flops_per_region, lo=0, allow_none=True)
     regions, pos, (rh, rw) = extract_regions(x, region, stride)
     outs, acts = [], []
     for s in range(0, regions.shape[0], batch):
@@ -387,6 +469,19 @@ def difficulty_rewards(actions: torch.Tensor, mse_in: torch.Tensor, mse_out: tor
     Taking L_d from the *same* rollout's output makes the reward d(m) (mse_in - m) grow with a worse output m
     whenever mse_in > 2 m (every noisy region), so training passes L_d from an action-independent rollout
     (the greedy one): d then only weighs regions, it does not reward bad restorations."""
+    check_number("difficulty_rewards", "p", p, lo=0)
+    check_number("difficulty_rewards", "l0", l0, lo=0, lo_open=True)
+    if not isinstance(actions, torch.Tensor) or actions.dim() != 2 or actions.shape[1] < 1:
+        got = tuple(actions.shape) if isinstance(actions, torch.Tensor) else type(actions).__name__
+        raise ValueError(f"difficulty_rewards actions: expected (B, N) with N >= 1, got {got}")
+    for i, k in enumerate(path_blocks):
+        check_number("difficulty_rewards", f"path_blocks[{i}]", k, lo=0)
+    _check_int_tensor("difficulty_rewards actions", actions, tuple(actions.shape), len(path_blocks))
+    b = actions.shape[0]
+    _check_vector("difficulty_rewards mse_in", mse_in, b)
+    _check_vector("difficulty_rewards mse_out", mse_out, b)
+    if difficulty_mse is not None:
+        _check_vector("difficulty_rewards difficulty_mse", difficulty_mse, b)
     cost = torch.tensor([float(k) for k in path_blocks], device=actions.device)[actions]
     r = -p * cost
     d = ((mse_out if difficulty_mse is None else difficulty_mse) / l0).clamp(max=1.0)
@@ -396,6 +491,10 @@ def difficulty_rewards(actions: torch.Tensor, mse_in: torch.Tensor, mse_out: tor
 
 def returns_to_go(rewards: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
     """G_i = sum_{j >= i} gamma^(j-i) r_j for rewards (B,N)."""
+    check_number("returns_to_go", "gamma", gamma, lo=0, hi=1)
+    if not isinstance(rewards, torch.Tensor) or rewards.dim() != 2 or rewards.shape[1] < 1:
+        got = tuple(rewards.shape) if isinstance(rewards, torch.Tensor) else type(rewards).__name__
+        raise ValueError(f"returns_to_go rewards: expected (B, N) with N >= 1, got {got}")
     g = torch.zeros_like(rewards[:, 0])
     out = torch.zeros_like(rewards)
     for i in range(rewards.shape[1] - 1, -1, -1):
@@ -410,6 +509,20 @@ def reinforce_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: Opt
     """Surrogate whose gradient is the REINFORCE estimate: -mean_b sum_i log pi(a_i|s_i) (G_i - b_i).
     ``normalize`` divides the advantages by their batch RMS (a positive scalar: the direction is unchanged), so
     that ``entropy_coef`` is on a fixed scale whatever the size of the rewards."""
+    check_number("reinforce_loss", "entropy_coef", entropy_coef, lo=0)
+    if not isinstance(log_probs, torch.Tensor) or log_probs.dim() != 2 or log_probs.shape[0] == 0:
+        got = tuple(log_probs.shape) if isinstance(log_probs, torch.Tensor) else type(log_probs).__name__
+        raise ValueError(f"reinforce_loss log_probs: expected a non-empty (B, N), got {got}")
+    want = tuple(log_probs.shape)
+    for name, t, bcast in (("returns", returns, False), ("baseline", baseline, True), ("entropy", entropy, False)):
+        if t is None and name != "returns":
+            continue
+        ok = isinstance(t, torch.Tensor) and (tuple(t.shape) == want or bcast and t.dim() == 2 and all(
+            a in (1, b) for a, b in zip(t.shape, want)))
+        if not ok:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"reinforce_loss {name}: expected shape {want} (as log_probs"
+                             f"{', or broadcastable to it' if bcast else ''}), got {got}")
     adv = returns if baseline is None else returns - baseline
     if normalize:
         adv = adv / adv.pow(2).mean().sqrt().clamp_min(1e-12)
@@ -420,6 +533,9 @@ def reinforce_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: Opt
 
 
 def per_sample_mse(y: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    if not isinstance(y, torch.Tensor) or not isinstance(gt, torch.Tensor) or y.shape != gt.shape or y.dim() < 2:
+        raise ValueError(f"per_sample_mse: expected two batches of the same shape (N, ...), got "
+                         f"{getattr(y, 'shape', type(y).__name__)} and {getattr(gt, 'shape', type(gt).__name__)}")
     return (y - gt).pow(2).flatten(1).mean(1)
 
 
@@ -443,8 +559,17 @@ class TrainRecipe:
     normalize_adv: bool = True
 
     def __post_init__(self) -> None:
-        if self.baseline not in ("greedy", "mean", "none"):
-            raise ValueError(f"baseline: expected 'greedy', 'mean' or 'none', got {self.baseline!r}")
+        o = "TrainRecipe"
+        check_choice(o, "baseline", self.baseline, ("greedy", "mean", "none"))
+        check_number(o, "stage1_steps", self.stage1_steps, lo=0, integer=True)
+        check_number(o, "stage2_steps", self.stage2_steps, lo=0, integer=True)
+        check_number(o, "batch_size", self.batch_size, lo=1, integer=True)
+        check_number(o, "patch_size", self.patch_size, lo=1, integer=True)
+        for k in ("lr", "lr_stage2", "pf_lr", "l0", "temperature"):
+            check_number(o, k, getattr(self, k), lo=0, lo_open=True)
+        check_number(o, "gamma", self.gamma, lo=0, hi=1)
+        check_number(o, "entropy_coef", self.entropy_coef, lo=0)
+        check_choice(o, "normalize_adv", self.normalize_adv, (False, True))
 
 
 #: the cosine schedule's floor as a share of the learning rate (lr -> 0.02 lr over the stage)
@@ -460,6 +585,19 @@ def _adam_cosine(params, lr: float, steps: int, schedule: bool = True):
     return opt, (make_scheduler(opt, cfg) if schedule else None)
 
 
+def _check_stage(owner: str, model: Any, sampler: Any, distort: Any, recipe: Any) -> None:
+    if not isinstance(model, PathRestore):
+        raise TypeError(f"{owner} model: expected a PathRestore, got {type(model).__name__}")
+    if not callable(getattr(sampler, "sample", None)):
+        raise TypeError(f"{owner} sampler: expected a patch sampler (with .sample(generator)), got "
+                        f"{type(sampler).__name__}")
+    if not callable(distort):
+        raise TypeError(f"{owner} distort: expected a callable (clean, generator) -> distorted, got "
+                        f"{type(distort).__name__}")
+    if not isinstance(recipe, TrainRecipe):
+        raise TypeError(f"{owner} recipe: expected a TrainRecipe, got {type(recipe).__name__}")
+
+
 def train_stage1(model: PathRestore, sampler, distort: Callable, recipe: TrainRecipe, gen: torch.Generator,
                  log: Optional[List[dict]] = None, fixed_path: Optional[int] = None,
                  steps: Optional[int] = None) -> PathRestore:
@@ -470,6 +608,10 @@ def train_stage1(model: PathRestore, sampler, distort: Callable, recipe: TrainRe
     frozen) under routes drawn per sample from the same generator as the batches and the noise, and the random
     stream (batch, distortion, routes per step) is part of what the committed results fix; Adam and the cosine
     schedule come from :func:`causalir.train.make_optimizer` / ``make_scheduler``."""
+    _check_stage("train_stage1", model, sampler, distort, recipe)
+    check_number("train_stage1", "steps", steps, lo=0, integer=True, allow_none=True)
+    check_number("train_stage1", "fixed_path", fixed_path, lo=0, hi=model.num_paths - 1, integer=True,
+                 allow_none=True)
     n_steps = recipe.stage1_steps if steps is None else steps
     params = [p for n, p in model.named_parameters() if not n.startswith("pathfinder.")]
     opt, sched = _adam_cosine(params, recipe.lr, n_steps)
@@ -500,6 +642,8 @@ def train_stage2(model: PathRestore, sampler, distort: Callable, recipe: TrainRe
     (with a greedy self-critical rollout as baseline) feeds two optimisers on disjoint parameter sets (the network
     on a cosine schedule, the pathfinder at a constant rate), which ``Strategy.update``'s one optimiser step does
     not express. Both come from :func:`causalir.train.make_optimizer` / ``make_scheduler``."""
+    _check_stage("train_stage2", model, sampler, distort, recipe)
+    check_number("train_stage2", "p", p, lo=0)
     net = [q for n, q in model.named_parameters() if not n.startswith("pathfinder.")]
     opt_net, sched = _adam_cosine(net, recipe.lr_stage2, recipe.stage2_steps)
     opt_pf, _ = _adam_cosine(model.pathfinder.parameters(), recipe.pf_lr, recipe.stage2_steps, schedule=False)
@@ -539,6 +683,8 @@ def train_dncnn(model: nn.Module, sampler, distort: Callable, steps: int, lr: fl
                 log: Optional[List[dict]] = None) -> nn.Module:
     """The same L2 recipe for the plain comparison network (a plain loop like :func:`train_stage1`, so that both
     networks see the same batches and noise; Adam and the cosine schedule from :mod:`causalir.train`)."""
+    check_number("train_dncnn", "steps", steps, lo=0, integer=True)
+    check_number("train_dncnn", "lr", lr, lo=0, lo_open=True)
     opt, sched = _adam_cosine(model.parameters(), lr, steps)
     model.train()
     for step in range(steps):
@@ -556,6 +702,8 @@ def train_dncnn(model: nn.Module, sampler, distort: Callable, steps: int, lr: fl
 
 def matched_dncnn_depth(cfg: MultiPathConfig) -> int:
     """DnCNN depth (convs incl. head and tail) whose FLOPs equal the multi-path network's longest path."""
+    if not isinstance(cfg, MultiPathConfig):
+        raise TypeError(f"matched_dncnn_depth cfg: expected a MultiPathConfig, got {type(cfg).__name__}")
     return 2 + cfg.num_blocks * (2 + 2 * max(cfg.path_blocks))
 
 
@@ -569,6 +717,15 @@ def evaluate_regions(models: Dict[str, nn.Module], images: Sequence[torch.Tensor
     from .evaluate import distorted_inputs
     from .metrics import psnr
 
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or len(images) == 0:
+        raise ValueError(f"evaluate_regions images: expected a non-empty sequence of (3,H,W) images, got "
+                         f"{type(images).__name__}")
+    for i, im in enumerate(images):
+        check_images(im, f"evaluate_regions images[{i}]", batched=False)
+        if min(im.shape[-2:]) < 1:
+            raise ValueError(f"evaluate_regions images[{i}]: expected at least 1x1 pixels, got shape {tuple(im.shape)}")
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(f"evaluate_regions models: expected a non-empty {{name: model}} dict, got {models!r}")
     inputs = distorted_inputs(images, distortions, seed, device)
     rows = []
     for name, model in models.items():
@@ -596,6 +753,19 @@ class Task:
     test: Dict[str, Any]
     val: Dict[str, Any]
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"Task.name: expected a non-empty string, got {self.name!r}")
+        if not callable(self.train):
+            raise TypeError(f"Task.train: expected a distortion (callable), got {self.train!r}")
+        for k in ("test", "val"):
+            v = getattr(self, k)
+            if not isinstance(v, Mapping) or not v:
+                raise ValueError(f"Task.{k}: expected a non-empty {{label: distortion}} dict, got {v!r}")
+            for lab, d in v.items():
+                if not callable(d):
+                    raise TypeError(f"Task.{k}[{lab!r}]: expected a distortion (callable), got {d!r}")
+
 
 def tasks(which: Sequence[str] = ("denoise", "mixed")) -> List[Task]:
     """``denoise``: blind Gaussian noise sigma in [0, 50], tested at sigma 10, 50 and the spatially variant
@@ -603,6 +773,8 @@ def tasks(which: Sequence[str] = ("denoise", "mixed")) -> List[Task]:
     tested at a mild and a moderate fixed triple."""
     from . import distortions as D
 
+    if isinstance(which, str):
+        raise ValueError(f"tasks: expected a sequence of task names, got the string {which!r} (write [{which!r}])")
     out = []
     for w in which:
         if w == "denoise":
@@ -644,6 +816,16 @@ def train_task(task: Task, net: MultiPathConfig, recipe: TrainRecipe, p_values: 
 
     if baseline not in BASELINES:
         raise ValueError(f"baseline: expected one of {', '.join(BASELINES)}, got {baseline!r}")
+    if not isinstance(task, Task):
+        raise TypeError(f"train_task task: expected a Task (see tasks()), got {type(task).__name__}")
+    if not isinstance(net, MultiPathConfig):
+        raise TypeError(f"train_task net: expected a MultiPathConfig, got {type(net).__name__}")
+    if not isinstance(recipe, TrainRecipe):
+        raise TypeError(f"train_task recipe: expected a TrainRecipe, got {type(recipe).__name__}")
+    for i, p in enumerate(p_values):
+        check_number("train_task", f"p_values[{i}]", p, lo=0)
+    check_number("train_task", "seed", seed, integer=True)
+    check_number("train_task", "baseline_steps", baseline_steps, lo=0, integer=True, allow_none=True)
     steps = recipe.stage1_steps if baseline_steps is None else int(baseline_steps)
     imgs = data.embedded_images("train")
     sampler = data.PatchSampler(imgs, recipe.patch_size, recipe.batch_size, device)
@@ -683,6 +865,9 @@ class FixedPaths(nn.Module):
 
     def __init__(self, net: PathRestore, path: int) -> None:
         super().__init__()
+        if not isinstance(net, PathRestore):
+            raise TypeError(f"FixedPaths net: expected a PathRestore, got {type(net).__name__}")
+        check_number("FixedPaths", "path", path, lo=0, hi=net.num_paths - 1, integer=True)
         self.net, self.path = net, path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,9 +27,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .toolchain import ACTION_NAMES, N_ACTIONS, N_TOOLS, PATCH, STOP, Toolbox, patch_psnr, quantize
+from .toolchain import (ACTION_NAMES, N_ACTIONS, N_TOOLS, PATCH, STOP, Toolbox, check_batch, check_pair, patch_psnr,
+                        quantize)
 from .train import TrainConfig, make_optimizer
-from .utils import check_images, make_generator
+from .utils import check_choice, check_images, check_number, make_generator
 
 
 # ---------------------------------------------------------------------------------------------- agent
@@ -42,12 +43,18 @@ class AgentConfig:
     fc: int = 32
     lstm: int = 50
 
+    def __post_init__(self) -> None:
+        for k in ("conv1", "conv", "fc", "lstm"):
+            check_number("AgentConfig", k, getattr(self, k), lo=1, integer=True)
+
 
 class ToolAgent(nn.Module):
     """Q(s_t, .) for 13 actions from the current image and the previous tool's one-hot, through an LSTM."""
 
     def __init__(self, cfg: AgentConfig = AgentConfig()) -> None:
         super().__init__()
+        if not isinstance(cfg, AgentConfig):
+            raise TypeError(f"ToolAgent cfg: expected an AgentConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         c1, c = cfg.conv1, cfg.conv
         self.features = nn.Sequential(
@@ -59,12 +66,20 @@ class ToolAgent(nn.Module):
 
     def forward(self, images: torch.Tensor, prev: torch.Tensor, state=None):
         """images (B,3,H,W) with prev (B,12) -> q (B,13); or sequences (B,T,3,H,W), (B,T,12) -> (B,T,13)."""
+        if not isinstance(images, torch.Tensor) or not isinstance(prev, torch.Tensor):
+            raise TypeError(f"ToolAgent: expected tensors, got {type(images).__name__} and {type(prev).__name__}")
         single = images.dim() == 4
         if single:
             images, prev = images[:, None], prev[:, None]
         if images.dim() != 5 or prev.shape[:2] != images.shape[:2] or prev.shape[-1] != N_TOOLS:
             raise ValueError(f"ToolAgent: expected images (B[,T],3,H,W) and prev (B[,T],12), got "
                              f"{tuple(images.shape)} and {tuple(prev.shape)}")
+        if not images.is_floating_point() or images.shape[2] != 3:
+            raise ValueError(f"ToolAgent: expected float images with 3 channels (B[,T],3,H,W), got dtype "
+                             f"{images.dtype} and shape {tuple(images.shape)}")
+        if images.shape[0] * images.shape[1] == 0 or min(images.shape[-2:]) < 1:
+            raise ValueError(f"ToolAgent: expected a non-empty batch of images of at least 1x1 pixels, got shape "
+                             f"{tuple(images.shape)}")
         b, t = images.shape[:2]
         f = self.features(images.flatten(0, 1)).view(b, t, -1)
         h, state = self.lstm(torch.cat([f, prev.to(f.dtype)], -1), state)
@@ -99,6 +114,10 @@ class ChainCache:
     """(patch id, chain prefix) -> 8-bit state. Exact: tools are deterministic and states are quantised."""
 
     def __init__(self, toolbox: Toolbox, clean: torch.Tensor, distorted: torch.Tensor, cap: int = 20000) -> None:
+        check_batch(clean, "ChainCache clean", nonempty=True)
+        check_batch(distorted, "ChainCache distorted", nonempty=True)
+        check_pair(clean, distorted, "ChainCache clean", "ChainCache distorted")
+        check_number("ChainCache", "cap", cap, lo=0, integer=True)
         self.toolbox, self.clean, self.base = toolbox, clean, quantize(distorted)
         self.cap, self.store, self.hits, self.misses = cap, {}, 0, 0
 
@@ -148,6 +167,20 @@ def rollout(agent: ToolAgent, x0: torch.Tensor, gt: Optional[torch.Tensor], adva
             policy: str = "agent") -> Episodes:
     """Run E episodes in lockstep. ``advance(sel, chains, actions, parents)`` returns the tool outputs for the
     selected episodes. ``policy`` 'agent' (epsilon-greedy) or 'random_tools' (uniform tools, never STOP)."""
+    if policy not in ("agent", "random_tools"):
+        raise ValueError(f"rollout: unknown policy {policy!r}; valid: agent, random_tools")
+    if policy == "agent" and not callable(agent):
+        raise TypeError(f"rollout: policy 'agent' needs an agent (a ToolAgent), got {type(agent).__name__}")
+    if not callable(advance):
+        raise TypeError(f"rollout advance: expected a callable (sel, chains, actions, parents), got "
+                        f"{type(advance).__name__}")
+    check_batch(x0, "rollout x0", nonempty=True)
+    if gt is not None:
+        check_batch(gt, "rollout gt")
+        check_pair(x0, gt, "rollout x0", "rollout gt")
+    check_eps("rollout", eps)
+    check_number("rollout", "max_steps", max_steps, lo=1, integer=True)
+    check_choice("rollout", "end_on_drop", end_on_drop, (False, True))
     e, dev = x0.shape[0], x0.device
     x = quantize(x0)
     ps0 = patch_psnr(x, gt) if gt is not None else None
@@ -201,6 +234,25 @@ def rollout(agent: ToolAgent, x0: torch.Tensor, gt: Optional[torch.Tensor], adva
     return Episodes(obs, acts, rews, done, valid, steps, torch.stack(pss, 1) if pss is not None else None)
 
 
+def check_eps(owner: str, eps: Any) -> float:
+    """An exploration rate in [0, 1] (a rounding ulp outside is tolerated, as epsilon() may produce)."""
+    check_number(owner, "eps", eps)
+    if not -1e-12 <= float(eps) <= 1 + 1e-12:
+        raise ValueError(f"{owner}.eps: expected a number >= 0 and <= 1, got {eps!r}")
+    return eps
+
+
+def _check_one_patch(x: Any, name: str) -> torch.Tensor:
+    """One patch (3,H,W) or (1,3,H,W), returned as (1,3,H,W)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 3:
+        x = x[None]
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"{name}: expected one image (3,H,W) or (1,3,H,W), got shape {tuple(x.shape)}")
+    return check_batch(x, name)
+
+
 def apply_advance(toolbox: Toolbox) -> Callable:
     """An ``advance`` without cache: apply the tools and quantise."""
     return lambda sel, chains, a, parents: quantize(toolbox.apply(a, parents))
@@ -214,7 +266,12 @@ def cached_advance(cache: ChainCache, pids: torch.Tensor) -> Callable:
 def greedy_chains(agent: ToolAgent, toolbox: Toolbox, x: torch.Tensor, gt: Optional[torch.Tensor] = None,
                   max_steps: int = 3, batch: int = 256) -> Episodes:
     """The agent's greedy toolchain on each patch (test time)."""
-    check_images(x, "greedy_chains patches")
+    check_batch(x, "greedy_chains patches", nonempty=True)
+    if gt is not None:
+        check_batch(gt, "greedy_chains gt")
+        check_pair(x, gt, "greedy_chains patches", "greedy_chains gt")
+    check_number("greedy_chains", "max_steps", max_steps, lo=1, integer=True)
+    check_number("greedy_chains", "batch", batch, lo=1, integer=True)
     agent.eval()
     parts = [rollout(agent, x[i:i + batch], None if gt is None else gt[i:i + batch], apply_advance(toolbox),
                      max_steps=max_steps) for i in range(0, len(x), batch)]
@@ -233,22 +290,48 @@ def _cat_episodes(parts: Sequence[Episodes]) -> Episodes:
 def random_chains(toolbox: Toolbox, x: torch.Tensor, gt: Optional[torch.Tensor], generator: torch.Generator,
                   length: int = 3) -> Episodes:
     """A random chain of ``length`` tools per patch (no STOP)."""
+    check_number("random_chains", "length", length, lo=1, integer=True)
     return rollout(None, x, gt, apply_advance(toolbox), generator=generator, max_steps=length,
                    policy="random_tools")
 
 
 def chain_macs(actions: torch.Tensor, tool_macs: Sequence[int], decision_macs: int = 0) -> torch.Tensor:
     """MACs per patch: the tools applied plus ``decision_macs`` per agent decision (tools and STOP)."""
+    _check_actions("chain_macs", actions)
+    if len(tool_macs) != N_TOOLS:
+        raise ValueError(f"chain_macs tool_macs: expected {N_TOOLS} values (one per tool), got {len(tool_macs)}")
+    for k, v in enumerate(tool_macs):
+        check_number("chain_macs", f"tool_macs[{k}]", v, lo=0)
+    check_number("chain_macs", "decision_macs", decision_macs, lo=0)
     tm = torch.tensor(list(tool_macs) + [0], dtype=torch.float64, device=actions.device)
     a = actions.clamp(min=-1)
     used = tm[a.clamp(min=0)] * (a >= 0)
     return used.sum(1) + decision_macs * (a >= 0).sum(1).double()
 
 
+def _check_actions(owner: str, actions: Any) -> None:
+    """A (E,S) integer tensor of actions in -1..12 (-1 = padding after the episode's end)."""
+    if not isinstance(actions, torch.Tensor) or actions.dim() != 2:
+        got = tuple(actions.shape) if isinstance(actions, torch.Tensor) else type(actions).__name__
+        raise ValueError(f"{owner} actions: expected a (E,S) tensor of actions, got {got}")
+    if actions.is_floating_point() or actions.is_complex() or actions.dtype == torch.bool:
+        raise ValueError(f"{owner} actions: expected integers in -1..{STOP}, got dtype {actions.dtype}")
+    if actions.numel() and (int(actions.min()) < -1 or int(actions.max()) > STOP):
+        raise ValueError(f"{owner} actions: expected integers in -1..{STOP} (-1 = padding), got range "
+                         f"[{int(actions.min())}, {int(actions.max())}]")
+
+
 def oracle_chains(toolbox: Toolbox, x: torch.Tensor, gt: torch.Tensor, max_steps: int = 3,
                   beam: Optional[int] = None) -> Tuple[torch.Tensor, List[List[int]], int]:
     """Best chain (length 0..max_steps) per patch by the true PSNR: exhaustive (``beam`` None, 12+144+1728 tool
     runs per patch) or a beam search keeping ``beam`` chains per patch per depth. Returns (images, chains, runs)."""
+    check_batch(x, "oracle_chains patches", nonempty=True)
+    if gt is None:
+        raise ValueError("oracle_chains gt: the oracle needs the clean patches, got None")
+    check_batch(gt, "oracle_chains gt")
+    check_pair(x, gt, "oracle_chains patches", "oracle_chains gt")
+    check_number("oracle_chains", "max_steps", max_steps, lo=0, integer=True)
+    check_number("oracle_chains", "beam", beam, lo=1, integer=True, allow_none=True)
     n = x.shape[0]
     cur = quantize(x)[:, None]                      # (n, w, 3, p, p)
     chains = [[()] for _ in range(n)]
@@ -279,6 +362,9 @@ def oracle_chains(toolbox: Toolbox, x: torch.Tensor, gt: torch.Tensor, max_steps
 
 def best_single_tool(toolbox: Toolbox, x: torch.Tensor, gt: torch.Tensor) -> Tuple[int, List[float]]:
     """The tool with the best mean PSNR when applied once (choose it on validation patches)."""
+    check_batch(x, "best_single_tool patches", nonempty=True)
+    check_batch(gt, "best_single_tool gt")
+    check_pair(x, gt, "best_single_tool patches", "best_single_tool gt")
     scores = [float(patch_psnr(quantize(toolbox.apply([k], x)), gt).mean()) for k in range(N_TOOLS)]
     return int(np.argmax(scores)), scores
 
@@ -288,6 +374,12 @@ class EpisodeReplay:
     """Ring buffer of whole episodes (states as uint8, as the reference advises for memory)."""
 
     def __init__(self, capacity: int, max_steps: int, shape: Tuple[int, ...], device=None) -> None:
+        check_number("EpisodeReplay", "capacity", capacity, lo=1, integer=True)
+        check_number("EpisodeReplay", "max_steps", max_steps, lo=1, integer=True)
+        if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence) or len(shape) != 3:
+            raise ValueError(f"EpisodeReplay.shape: expected a state shape (3,H,W), got {shape!r}")
+        for k, v in enumerate(shape):
+            check_number("EpisodeReplay", f"shape[{k}]", v, lo=1, integer=True)
         self.capacity, self.size, self.ptr = int(capacity), 0, 0
         self.obs = torch.zeros((capacity, max_steps) + tuple(shape), dtype=torch.uint8, device=device)
         self.actions = torch.full((capacity, max_steps), -1, dtype=torch.long, device=device)
@@ -296,6 +388,14 @@ class EpisodeReplay:
         self.valid = torch.zeros(capacity, max_steps, dtype=torch.bool, device=device)
 
     def add(self, ep: Episodes) -> None:
+        if not isinstance(ep, Episodes):
+            raise TypeError(f"EpisodeReplay.add: expected Episodes, got {type(ep).__name__}")
+        if tuple(ep.obs.shape[1:]) != tuple(self.obs.shape[1:]):
+            raise ValueError(f"EpisodeReplay.add: episodes of shape {tuple(ep.obs.shape[1:])} (steps, 3, H, W) do "
+                             f"not fit a replay of {tuple(self.obs.shape[1:])}")
+        if ep.obs.shape[0] > self.capacity:
+            raise ValueError(f"EpisodeReplay.add: {ep.obs.shape[0]} episodes at once exceed the capacity "
+                             f"{self.capacity}")
         n = ep.obs.shape[0]
         idx = (self.ptr + torch.arange(n)) % self.capacity
         for k in ("obs", "actions", "rewards", "done", "valid"):
@@ -304,6 +404,9 @@ class EpisodeReplay:
         self.size = min(self.capacity, self.size + n)
 
     def sample(self, n: int, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
+        check_number("EpisodeReplay.sample", "n", n, lo=1, integer=True)
+        if self.size == 0:
+            raise ValueError("EpisodeReplay.sample: the replay is empty; add episodes first")
         idx = torch.randint(self.size, (n,), generator=generator)
         return {k: getattr(self, k)[idx] for k in ("obs", "actions", "rewards", "done", "valid")}
 
@@ -311,6 +414,13 @@ class EpisodeReplay:
 def dqn_loss(agent: ToolAgent, target: ToolAgent, batch: Dict[str, torch.Tensor], gamma: float = 0.99,
              delta: float = 1.0) -> torch.Tensor:
     """Huber loss on the TD error over every valid step of the sampled episodes (LSTM unrolled from zero)."""
+    check_number("dqn_loss", "gamma", gamma, lo=0, hi=1)
+    check_number("dqn_loss", "delta", delta, lo=0, lo_open=True)
+    missing = [k for k in ("obs", "actions", "rewards", "done", "valid") if k not in batch]
+    if missing:
+        raise ValueError(f"dqn_loss batch: missing {', '.join(missing)} (as EpisodeReplay.sample returns)")
+    if batch["obs"].shape[0] == 0:
+        raise ValueError("dqn_loss batch: expected at least one episode, got an empty batch")
     obs = batch["obs"].float() / 255
     a = batch["actions"]
     prev = torch.zeros(a.shape + (N_TOOLS,), device=obs.device)
@@ -350,15 +460,38 @@ class DQNConfig:
     end_on_drop: bool = True
     cache_cap: int = 20000
 
+    def __post_init__(self) -> None:
+        o = "DQNConfig"
+        for k in ("updates", "batch_episodes", "collect_episodes", "updates_per_collect", "replay", "target_sync",
+                  "max_steps"):
+            check_number(o, k, getattr(self, k), lo=1, integer=True)
+        for k in ("learn_start", "eps_updates", "val_every", "cache_cap"):
+            check_number(o, k, getattr(self, k), lo=0, integer=True)
+        for k in ("gamma", "eps_start", "eps_end"):
+            check_number(o, k, getattr(self, k), lo=0, hi=1)
+        check_number(o, "lr", self.lr, lo=0, lo_open=True)
+        check_number(o, "huber_delta", self.huber_delta, lo=0, lo_open=True)
+        check_number(o, "grad_clip", self.grad_clip, lo=0)
+        check_choice(o, "end_on_drop", self.end_on_drop, (False, True))
+        # learning starts once the replay holds learn_start episodes: more than it can hold would never start
+        check_number(o, "learn_start", self.learn_start, lo=0, hi=self.replay, integer=True)
+        check_number(o, "collect_episodes", self.collect_episodes, lo=1, hi=self.replay, integer=True)
+
 
 def epsilon(cfg: DQNConfig, update: int) -> float:
     """Linear schedule eps_start -> eps_end over eps_updates, then constant."""
+    if not isinstance(cfg, DQNConfig):
+        raise TypeError(f"epsilon cfg: expected a DQNConfig, got {type(cfg).__name__}")
+    check_number("epsilon", "update", update, lo=0, integer=True)
     f = min(1.0, update / max(cfg.eps_updates, 1))
     return cfg.eps_start + f * (cfg.eps_end - cfg.eps_start)
 
 
 def evaluate_policy(agent: ToolAgent, cache: ChainCache, max_steps: int = 3) -> float:
     """Mean final PSNR of the greedy toolchain on the cache's patches."""
+    if not isinstance(cache, ChainCache):
+        raise TypeError(f"evaluate_policy cache: expected a ChainCache, got {type(cache).__name__}")
+    check_number("evaluate_policy", "max_steps", max_steps, lo=1, integer=True)
     agent.eval()
     pids = torch.arange(len(cache.base))
     ep = rollout(agent, cache.base, cache.clean, cached_advance(cache, pids), max_steps=max_steps)
@@ -378,6 +511,20 @@ def train_dqn(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, distorted
     ``val``; ``fit``'s step is one supervised batch from a patch sampler. The optimiser is
     :func:`causalir.train.make_optimizer` (Adam at ``cfg.lr``, no schedule); gradients are clipped at
     ``cfg.grad_clip``."""
+    if not isinstance(cfg, DQNConfig):
+        raise TypeError(f"train_dqn cfg: expected a DQNConfig, got {type(cfg).__name__}")
+    check_number("train_dqn", "seed", seed, integer=True)
+    check_batch(clean, "train_dqn clean", nonempty=True)
+    check_batch(distorted, "train_dqn distorted", nonempty=True)
+    check_pair(clean, distorted, "train_dqn clean", "train_dqn distorted")
+    if val is not None:
+        if not isinstance(val, (tuple, list)) or len(val) != 2:
+            raise ValueError(f"train_dqn val: expected (clean, distorted) patches or None, got {type(val).__name__}")
+        check_batch(val[0], "train_dqn val clean", nonempty=True)
+        check_batch(val[1], "train_dqn val distorted", nonempty=True)
+        check_pair(val[0], val[1], "train_dqn val clean", "train_dqn val distorted")
+    if log is not None and not callable(log):
+        raise TypeError(f"train_dqn log: expected a callable or None, got {type(log).__name__}")
     dev = next(agent.parameters()).device
     g = make_generator(seed, dev)
     gcpu = make_generator(seed + 1)
@@ -447,6 +594,15 @@ def joint_finetune(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, dist
     Outside :func:`causalir.train.fit` on purpose: each step first runs the frozen agent's greedy chains, and the
     gradients are rescaled per tool (by its use count) between the backward pass and the optimiser step. The
     optimiser is :func:`causalir.train.make_optimizer` (Adam at ``lr``)."""
+    o = "joint_finetune"
+    check_number(o, "steps", steps, lo=0, integer=True)
+    check_number(o, "batch", batch, lo=1, integer=True)
+    check_number(o, "lr", lr, lo=0, lo_open=True)
+    check_number(o, "seed", seed, integer=True)
+    check_number(o, "max_steps", max_steps, lo=1, integer=True)
+    check_batch(clean, "joint_finetune clean", nonempty=True)
+    check_batch(distorted, "joint_finetune distorted", nonempty=True)
+    check_pair(clean, distorted, "joint_finetune clean", "joint_finetune distorted")
     dev = next(toolbox.parameters()).device
     g = make_generator(seed)
     opt = make_optimizer(toolbox.parameters(), TrainConfig(lr=lr, schedule="constant"))
@@ -486,6 +642,10 @@ def joint_finetune(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, dist
 # -------------------------------------------------------------------------------------- whole images
 def image_patches(img: torch.Tensor, patch: int = PATCH) -> torch.Tensor:
     """Non-overlapping patch x patch tiles (the image's bottom/right remainder is left out), (n,3,p,p)."""
+    check_number("image_patches", "patch", patch, lo=1, integer=True)
+    if not isinstance(img, torch.Tensor) or not (img.dim() == 3 or (img.dim() == 4 and img.shape[0] == 1)):
+        got = tuple(img.shape) if isinstance(img, torch.Tensor) else type(img).__name__
+        raise ValueError(f"image_patches: expected one image (C,H,W) or (1,C,H,W), got {got}")
     c, h, w = img.shape[-3:]
     if min(h, w) < patch:
         raise ValueError(f"image_patches: image {h}x{w} is smaller than the {patch}x{patch} patch")
@@ -497,6 +657,12 @@ def restore_image(agent: ToolAgent, toolbox: Toolbox, img: torch.Tensor, max_ste
                   patch: int = PATCH) -> Dict[str, Any]:
     """Whole-image toolchain by voting: every patch's agent (own LSTM state) votes for an action, the majority
     tool is applied to the whole image (tools are fully convolutional); STOP wins ends the chain."""
+    check_number("restore_image", "max_steps", max_steps, lo=1, integer=True)
+    check_number("restore_image", "patch", patch, lo=1, integer=True)
+    one = _check_one_patch(img, "restore_image image")
+    if min(one.shape[-2:]) < patch:
+        raise ValueError(f"restore_image image: {one.shape[-2]}x{one.shape[-1]} is smaller than the {patch}x{patch} "
+                         "patch the agent votes on")
     x = quantize(img[None] if img.dim() == 3 else img)
     check_images(x, "restore_image image")
     agent.eval()
@@ -524,10 +690,9 @@ def restore_image(agent: ToolAgent, toolbox: Toolbox, img: torch.Tensor, max_ste
 def chain_step_images(agent: ToolAgent, toolbox: Toolbox, x: torch.Tensor, gt: Optional[torch.Tensor] = None,
                       max_steps: int = 3) -> List[Dict[str, Any]]:
     """One patch's greedy toolchain step by step: [{'step', 'tool', 'image', 'psnr'}] (the widget's function)."""
-    if x.dim() == 3:
-        x = x[None]
-    if gt is not None and gt.dim() == 3:
-        gt = gt[None]
+    x = _check_one_patch(x, "chain_step_images x")
+    if gt is not None:
+        gt = _check_one_patch(gt, "chain_step_images gt")
     ep = greedy_chains(agent, toolbox, x, gt, max_steps)
     out = [{"step": 0, "tool": "input", "image": ep.steps[0][0],
             "psnr": None if ep.psnr is None else float(ep.psnr[0, 0])}]
@@ -544,6 +709,7 @@ def chain_step_images(agent: ToolAgent, toolbox: Toolbox, x: torch.Tensor, gt: O
 
 def tool_shares(actions: torch.Tensor) -> Dict[str, float]:
     """Share of each tool among all tool applications, plus the STOP share among decisions."""
+    _check_actions("tool_shares", actions)
     a = actions[actions >= 0]
     tools = a[a < N_TOOLS]
     cnt = torch.bincount(tools, minlength=N_TOOLS).double()

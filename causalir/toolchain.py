@@ -14,6 +14,7 @@ The agent and deep Q-learning live in :mod:`causalir.rl` (which imports this mod
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -24,7 +25,7 @@ import torch.nn as nn
 
 from . import distortions as dz
 from .data import PatchSampler
-from .utils import check_images, make_generator
+from .utils import check_choice, check_images, check_number, make_generator
 
 # ------------------------------------------------------------------------------------------- distortions
 BLUR_GRID = tuple(0.5 * i for i in range(11))                 # sigma_b, 0:0.5:5
@@ -35,10 +36,69 @@ PATCH = 63
 BLUR_MARGIN = 10   # half of the 21x21 kernel: patches are distorted with context, then cropped
 
 
+#: the blur's reflect border needs images wider than half its 21x21 kernel
+MIN_BLUR_SIDE = BLUR_MARGIN + 1
+
+
 def check_severity(severity: str) -> str:
-    if severity not in SEVERITIES:
+    if not isinstance(severity, str) or severity not in SEVERITIES:
         raise ValueError(f"unknown severity {severity!r}; valid: {', '.join(SEVERITIES)}")
     return severity
+
+
+# ------------------------------------------------------------------------------------------ input checks
+def check_batch(x: Any, name: str, *, min_side: int = 1, nonempty: bool = False, check_range: bool = True,
+                channels: Optional[int] = 3, why: str = "") -> torch.Tensor:
+    """:func:`causalir.utils.check_images` plus sizes: a non-empty batch (``nonempty``) of images at least
+    ``min_side`` pixels on each side (``why`` says what needs them). Range and finiteness when ``check_range``."""
+    check_images(x, name, channels=channels, check_range=check_range)
+    if nonempty and x.shape[0] == 0:
+        raise ValueError(f"{name}: expected a non-empty batch, got shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if min(h, w) < min_side:
+        raise ValueError(f"{name}: expected images of at least {min_side}x{min_side} pixels{why}, got {h}x{w} "
+                         f"(shape {tuple(x.shape)})")
+    return x
+
+
+def check_pair(x: torch.Tensor, y: torch.Tensor, xname: str, yname: str) -> None:
+    """Two batches of the same shape, or a ValueError naming both."""
+    if tuple(x.shape) != tuple(y.shape):
+        raise ValueError(f"{xname} {tuple(x.shape)} and {yname} {tuple(y.shape)}: expected the same shape")
+
+
+def check_per_sample(name: str, v: Any, n: int, *, lo: Optional[float] = None, hi: Optional[float] = None,
+                     allow_one: bool = False) -> torch.Tensor:
+    """A real tensor of ``n`` per-sample values (or one, ``allow_one``), finite and in [lo, hi]."""
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor of {n} per-sample values, got {type(v).__name__}")
+    if v.dtype == torch.bool or v.is_complex():
+        raise TypeError(f"{name}: expected real values, got dtype {v.dtype}")
+    if v.numel() != n and not (allow_one and v.numel() == 1):
+        raise ValueError(f"{name}: expected {n} per-sample values{' (or one)' if allow_one else ''}, got shape "
+                         f"{tuple(v.shape)}")
+    if v.numel():
+        d = v.detach().double()
+        a, b = float(d.min()), float(d.max())
+        bad = not np.isfinite(a + b) or (lo is not None and a < lo) or (hi is not None and b > hi)
+        if bad:
+            rng = f"[{'-inf' if lo is None else f'{lo:g}'}, {'inf' if hi is None else f'{hi:g}'}]"
+            raise ValueError(f"{name}: expected finite values in {rng}, got range [{a:.4g}, {b:.4g}]")
+    return v
+
+
+def check_image_list(images: Any, name: str, side: int, why: str = "") -> None:
+    """A non-empty sequence of (3,H,W) images, each at least ``side`` pixels on each side."""
+    if isinstance(images, torch.Tensor) and images.dim() == 4:
+        images = list(images)
+    if isinstance(images, (str, bytes)) or not isinstance(images, Sequence) or len(images) == 0:
+        raise ValueError(f"{name}: expected a non-empty sequence of (3,H,W) images, got {type(images).__name__}"
+                         + (" of length 0" if isinstance(images, Sequence) else ""))
+    for i, im in enumerate(images):
+        check_images(im, f"{name}[{i}]", batched=False, check_range=False)
+        h, w = im.shape[-2:]
+        if min(h, w) < side:
+            raise ValueError(f"{name}[{i}]: expected at least {side}x{side} pixels{why}, got {h}x{w}")
 
 
 def level_triples(severity: str) -> torch.Tensor:
@@ -53,6 +113,7 @@ def level_triples(severity: str) -> torch.Tensor:
 
 def sample_mixed_params(n: int, severity: str, generator: Optional[torch.Generator] = None) -> Dict[str, torch.Tensor]:
     """Per-sample (sigma_b, sigma_n, quality): a uniform admissible level triple, then uniform within the intervals."""
+    check_number("sample_mixed_params", "n", n, lo=0, integer=True)
     tri = level_triples(severity)
     rows = tri[torch.randint(len(tri), (n,), generator=generator)]
     u = torch.rand(n, 3, generator=generator, dtype=torch.float64)
@@ -66,6 +127,8 @@ def sample_mixed_params(n: int, severity: str, generator: Optional[torch.Generat
 
 def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """Per-sample isotropic Gaussian blur, 21x21 kernel (the zoo's ``gaussian_kernels`` / ``filter_batch``)."""
+    check_batch(x, "blur images", nonempty=True, min_side=MIN_BLUR_SIDE, why=" (the 21x21 blur kernel's reflect border)")
+    check_per_sample("blur sigma", sigma, x.shape[0], lo=0.0, allow_one=True)
     s = sigma.to(x.device, torch.float32)
     k = dz.gaussian_kernels(s, s, torch.zeros_like(s), 21)
     return dz.filter_batch(x, k)
@@ -73,12 +136,16 @@ def blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 def add_noise(x: torch.Tensor, sigma: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """y = clip(x + sigma/255 * n), n ~ N(0, 1) (as the zoo's GaussianNoise, with a per-sample sigma)."""
+    check_batch(x, "add_noise images", nonempty=True)
+    check_per_sample("add_noise sigma", sigma, x.shape[0], lo=0.0, allow_one=True)
     n = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     return (x + sigma.to(x.device, x.dtype).view(-1, 1, 1, 1) / 255.0 * n).clamp(0, 1)
 
 
 def jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
     """Real JPEG (the zoo's Pillow codec) with a per-sample quality; samples with equal rounded quality share a call."""
+    check_batch(x, "jpeg images", nonempty=True)
+    check_per_sample("jpeg quality", quality, x.shape[0], lo=1.0, hi=100.0)
     q = quality.round().clamp(1, 100).int()
     out = torch.empty_like(x)
     for qi in torch.unique(q).tolist():
@@ -90,7 +157,19 @@ def jpeg(x: torch.Tensor, quality: torch.Tensor) -> torch.Tensor:
 def apply_mixed(x: torch.Tensor, params: Dict[str, torch.Tensor], generator: Optional[torch.Generator] = None,
                 order: Sequence[str] = ("blur", "noise", "quality")) -> torch.Tensor:
     """Blur, then noise, then JPEG (reference order), each with the sample's own parameter."""
-    check_images(x, "apply_mixed input")
+    parts = ("blur", "noise", "quality")
+    if isinstance(order, str):
+        raise ValueError(f"apply_mixed order: expected a sequence of parts from {', '.join(parts)}, got {order!r}")
+    for part in order:
+        if part not in parts:
+            raise ValueError(f"unknown distortion part {part!r}; valid: blur, noise, quality")
+    side = MIN_BLUR_SIDE if "blur" in order else 1
+    check_batch(x, "apply_mixed input", nonempty=True, min_side=side, why=" (the 21x21 blur kernel's reflect border)")
+    if not isinstance(params, Mapping):
+        raise TypeError(f"apply_mixed params: expected a dict of per-sample tensors, got {type(params).__name__}")
+    missing = [p for p in order if p not in params]
+    if missing:
+        raise ValueError(f"apply_mixed params: missing {', '.join(missing)} (has {', '.join(map(str, params))})")
     with torch.no_grad():
         for part in order:
             if part == "blur":
@@ -130,6 +209,13 @@ def make_patches(images: Sequence[torch.Tensor], n: int, severity: str, seed: in
     """(clean, distorted) float patches (n,3,p,p): crops of size p + 2*margin are distorted, then centre-cropped,
     so blur sees real image context instead of a padded border. ``crop_seed`` (default ``seed``) fixes the crops,
     so several severities can share the same clean patches."""
+    check_number("make_patches", "n", n, lo=1, integer=True)
+    check_number("make_patches", "patch", patch, lo=1, integer=True)
+    check_number("make_patches", "seed", seed, integer=True)
+    check_number("make_patches", "crop_seed", crop_seed, integer=True, allow_none=True)
+    check_severity(severity)
+    check_image_list(images, "make_patches images", patch + 2 * BLUR_MARGIN,
+                     f" (the {patch}x{patch} patch plus its {BLUR_MARGIN}-pixel blur context on each side)")
     g = make_generator(seed)
     gc = make_generator(seed if crop_seed is None else crop_seed)
     big = PatchSampler(images, patch + 2 * BLUR_MARGIN, n, "cpu").sample(gc)
@@ -209,6 +295,18 @@ class ToolboxConfig:
     small: Tuple[int, int] = (32, 16)
     large: Tuple[int, int] = (64, 32)
 
+    def __post_init__(self) -> None:
+        for k in ("small", "large"):
+            check_widths("ToolboxConfig", k, getattr(self, k), 2)
+
+
+def check_widths(owner: str, name: str, value: Any, n: int) -> None:
+    """A tuple of ``n`` integer widths >= 1; each element is checked as ``owner.name[i]``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != n:
+        raise ValueError(f"{owner}.{name}: expected {n} integer widths >= 1, got {value!r}")
+    for i, v in enumerate(value):
+        check_number(owner, f"{name}[{i}]", v, lo=1, integer=True)
+
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
     """Round to 8 bits, as a saved image would be."""
@@ -221,16 +319,23 @@ class Toolbox(nn.Module):
 
     def __init__(self, cfg: ToolboxConfig = ToolboxConfig()) -> None:
         super().__init__()
+        if not isinstance(cfg, ToolboxConfig):
+            raise TypeError(f"Toolbox cfg: expected a ToolboxConfig, got {type(cfg).__name__}")
         self.cfg = cfg
         self.tools = nn.ModuleList(SmallTool(*cfg.small) if s.arch == "small" else LargeTool(*cfg.large)
                                    for s in TOOL_SPECS)
 
     def forward(self, x: torch.Tensor, tool: int) -> torch.Tensor:
+        check_number("Toolbox.forward", "tool", tool, lo=0, hi=N_TOOLS - 1, integer=True)
         return self.tools[tool](x)
 
     def apply(self, actions: torch.Tensor | int | Sequence[int], x: torch.Tensor) -> torch.Tensor:
-        check_images(x, "Toolbox.apply images")
-        a = torch.as_tensor(actions, device=x.device).long().flatten()
+        check_batch(x, "Toolbox.apply images")
+        a = torch.as_tensor(actions, device=x.device)
+        if a.is_floating_point() or a.is_complex() or a.dtype == torch.bool:
+            raise ValueError(f"Toolbox.apply: actions must be integers in 0..{STOP} (12 tools + STOP), got dtype "
+                             f"{a.dtype}")
+        a = a.long().flatten()
         if a.numel() == 1 and x.shape[0] != 1:
             a = a.expand(x.shape[0])
         if a.numel() != x.shape[0]:
@@ -248,6 +353,7 @@ class Toolbox(nn.Module):
 
     def macs(self, patch: int = PATCH) -> List[int]:
         """Multiply-accumulates of each tool on one patch (models.count_flops / 2)."""
+        check_number("Toolbox.macs", "patch", patch, lo=1, integer=True)
         from .models import count_flops
 
         return [count_flops(t, (1, 3, patch, patch)) // 2 for t in self.tools]
@@ -259,6 +365,11 @@ class Toolbox(nn.Module):
 def tool_distortion(spec: ToolSpec, x: torch.Tensor, g: torch.Generator, extra: float = 0.5) -> torch.Tensor:
     """The tool's own distortion, drawn uniformly in its band; with probability ``extra`` a slight extra
     noise (sigma<=2) + JPEG (Q>=90) for robustness (the paper mentions it without magnitudes)."""
+    if not isinstance(spec, ToolSpec):
+        raise TypeError(f"tool_distortion spec: expected a ToolSpec (one of TOOL_SPECS), got {type(spec).__name__}")
+    check_number("tool_distortion", "extra", extra, lo=0, hi=1)
+    check_batch(x, "tool_distortion images", nonempty=True, min_side=MIN_BLUR_SIDE if spec.kind == "deblur" else 1,
+                why=" (the 21x21 blur kernel's reflect border)")
     n = x.shape[0]
     lo, hi = spec.band
     v = lo + (hi - lo) * torch.rand(n, generator=g)
@@ -287,10 +398,25 @@ class ToolTrainConfig:
     lr: float = 1e-3
     extra: float = 0.5
 
+    def __post_init__(self) -> None:
+        o = "ToolTrainConfig"
+        for k in ("steps", "batch_size", "patch_size", "n_data"):
+            check_number(o, k, getattr(self, k), lo=1, integer=True)
+        check_number(o, "lr", self.lr, lo=0, lo_open=True)
+        check_number(o, "extra", self.extra, lo=0, hi=1)
+
 
 def paired_set(images: Sequence[torch.Tensor], spec_or_severity, n: int, patch: int, seed: int,
                extra: float = 0.5) -> Tuple[torch.Tensor, torch.Tensor]:
     """(clean, distorted) training crops for a tool (a ToolSpec) or for the mixed data (a severity name)."""
+    if not isinstance(spec_or_severity, ToolSpec):
+        check_severity(spec_or_severity)
+    check_number("paired_set", "n", n, lo=1, integer=True)
+    check_number("paired_set", "patch", patch, lo=1, integer=True)
+    check_number("paired_set", "seed", seed, integer=True)
+    check_number("paired_set", "extra", extra, lo=0, hi=1)
+    check_image_list(images, "paired_set images", patch + 2 * BLUR_MARGIN,
+                     f" (the {patch}x{patch} crop plus its {BLUR_MARGIN}-pixel blur context on each side)")
     g = make_generator(seed)
     big = PatchSampler(images, patch + 2 * BLUR_MARGIN, n, "cpu").sample(g)
     if isinstance(spec_or_severity, ToolSpec):
@@ -308,6 +434,13 @@ def fit_paired(model: nn.Module, clean: torch.Tensor, dist: torch.Tensor, cfg: T
     Adam, cosine schedule. The strategy owns its data, so ``fit`` gets no images and no distortions."""
     from . import train
 
+    if not isinstance(cfg, ToolTrainConfig):
+        raise TypeError(f"fit_paired cfg: expected a ToolTrainConfig, got {type(cfg).__name__}")
+    check_number("fit_paired", "seed", seed, integer=True)
+    check_batch(clean, "fit_paired clean", nonempty=True)
+    check_batch(dist, "fit_paired dist", nonempty=True)
+    check_pair(clean, dist, "fit_paired clean", "fit_paired dist")
+
     strat = train.PairedMSE(clean, dist)
     tcfg = train.TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, patch_size=max(8, clean.shape[-1]),
                              lr=cfg.lr, loss="l2", seed=seed, device=str(device), progress=False)
@@ -317,6 +450,13 @@ def fit_paired(model: nn.Module, clean: torch.Tensor, dist: torch.Tensor, cfg: T
 def train_toolbox(box: Toolbox, images: Sequence[torch.Tensor], cfg: ToolTrainConfig, seed: int = 0,
                   device: str | torch.device = "cpu") -> List[Dict[str, Any]]:
     """Train each of the 12 tools on its own band (independently, as in the paper). Returns per-tool records."""
+    if not isinstance(box, Toolbox):
+        raise TypeError(f"train_toolbox box: expected a Toolbox, got {type(box).__name__}")
+    if not isinstance(cfg, ToolTrainConfig):
+        raise TypeError(f"train_toolbox cfg: expected a ToolTrainConfig, got {type(cfg).__name__}")
+    check_number("train_toolbox", "seed", seed, integer=True)
+    check_image_list(images, "train_toolbox images", cfg.patch_size + 2 * BLUR_MARGIN,
+                     f" (the {cfg.patch_size}x{cfg.patch_size} crop plus its {BLUR_MARGIN}-pixel blur context)")
     recs = []
     for spec in TOOL_SPECS:
         clean, dist = paired_set(images, spec, cfg.n_data, cfg.patch_size, seed * 1000 + spec.index, cfg.extra)
@@ -329,6 +469,8 @@ def train_toolbox(box: Toolbox, images: Sequence[torch.Tensor], cfg: ToolTrainCo
 # --------------------------------------------------------------------------------------------- metrics
 def patch_psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample PSNR (dB) of images in [0,1]: 10 log10(1 / (MSE + 1e-10)) (the reference reward's PSNR)."""
+    check_batch(x, "patch_psnr x", channels=None)
+    check_batch(y, "patch_psnr y", channels=None)
     if x.shape != y.shape:
         raise ValueError(f"patch_psnr: shapes differ, {tuple(x.shape)} vs {tuple(y.shape)}")
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(1)
@@ -353,20 +495,26 @@ class ToolchainEnv(gym.Env):
                  quantize_states: bool = True, render_mode: Optional[str] = None, n_default: int = 8,
                  severity: str = "moderate", seed: int = 0) -> None:
         super().__init__()
+        o = "ToolchainEnv"
+        check_number(o, "max_steps", max_steps, lo=1, integer=True)
+        check_choice(o, "end_on_drop", end_on_drop, (False, True))
+        check_choice(o, "quantize_states", quantize_states, (False, True))
+        check_choice(o, "render_mode", render_mode, (None, "rgb_array"))
+        check_number(o, "n_default", n_default, lo=1, integer=True)
+        check_number(o, "seed", seed, integer=True)
+        check_severity(severity)
+        if toolbox is not None and not isinstance(toolbox, Toolbox):
+            raise TypeError(f"ToolchainEnv toolbox: expected a Toolbox or None, got {type(toolbox).__name__}")
         if (clean is None) != (distorted is None):
             raise ValueError("ToolchainEnv: give both clean and distorted patches, or neither")
         if clean is None:
             from .data import embedded_images
 
             clean, distorted = make_patches(embedded_images("train"), n_default, severity, seed)
-        check_images(clean, "clean patches")
-        check_images(distorted, "distorted patches")
+        check_batch(clean, "clean patches", nonempty=True)
+        check_batch(distorted, "distorted patches", nonempty=True)
         if clean.shape != distorted.shape:
             raise ValueError(f"clean {tuple(clean.shape)} and distorted {tuple(distorted.shape)} must match")
-        if max_steps < 1:
-            raise ValueError(f"max_steps must be >= 1, got {max_steps}")
-        if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"render_mode: expected None or 'rgb_array', got {render_mode!r}")
         if toolbox is None:
             torch.manual_seed(seed)
             toolbox = Toolbox(ToolboxConfig(small=(8, 8), large=(8, 8))).eval()
@@ -395,7 +543,13 @@ class ToolchainEnv(gym.Env):
     def reset(self, *, seed: Optional[int] = None, options: Optional[Dict[str, Any]] = None):
         super().reset(seed=seed)
         n = len(self.clean)
+        if options is not None and not isinstance(options, Mapping):
+            raise TypeError(f"ToolchainEnv.reset options: expected a dict or None, got {type(options).__name__}")
+        unknown = sorted(set(options or {}) - {"index"})
+        if unknown:
+            raise ValueError(f"ToolchainEnv.reset options: unknown key(s) {unknown}; valid: 'index'")
         idx = (options or {}).get("index")
+        check_number("ToolchainEnv.reset", "options['index']", idx, integer=True, allow_none=True)
         self.index = int(self.np_random.integers(n)) if idx is None else int(idx)
         if not 0 <= self.index < n:
             raise IndexError(f"options['index'] must be in [0, {n}), got {idx}")
@@ -410,7 +564,7 @@ class ToolchainEnv(gym.Env):
     def step(self, action):
         if self._state is None or self._done:
             raise RuntimeError("ToolchainEnv.step: the episode is over (or never started); call reset() first")
-        if not self.action_space.contains(action):
+        if isinstance(action, (bool, np.bool_)) or not self.action_space.contains(action):
             raise ValueError(f"ToolchainEnv.step: expected an action in 0..{N_ACTIONS - 1}, got {action!r}")
         a = int(action)
         if a == STOP:

@@ -9,13 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
+import io
 import json
 import math
+import os
+import random
+import re
+import shutil
+import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, ClassVar, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,7 +35,7 @@ from .data import PatchSampler
 from .distortions import Distortion, apply_random
 from .metrics import psnr
 from .registry import Registry
-from .utils import PathLike, atomic_write_bytes, atomic_write_json, make_generator, resolve_device
+from .utils import PathLike, check_choice, check_images, check_number, make_generator, resolve_device
 
 
 @dataclass(frozen=True)
@@ -52,14 +61,44 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.schedule not in ("cosine", "step", "constant"):
-            raise ValueError(f"schedule: expected 'cosine', 'step' or 'constant', got {self.schedule!r}")
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss: expected one of {', '.join(LOSSES)}, got {self.loss!r}")
-        if self.steps < 0 or self.batch_size < 1 or self.patch_size < 8:
-            raise ValueError("steps >= 0, batch_size >= 1 and patch_size >= 8 are required")
+        o = "TrainConfig"
+        check_number(o, "steps", self.steps, lo=0, integer=True)
+        check_number(o, "batch_size", self.batch_size, lo=1, integer=True)
+        check_number(o, "patch_size", self.patch_size, lo=8, integer=True)
+        check_number(o, "lr", self.lr, lo=0, lo_open=True)
+        if not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2:
+            raise (ValueError if isinstance(self.betas, (tuple, list)) else TypeError)(
+                f"{o}.betas: expected a pair (beta1, beta2) of numbers >= 0 and < 1, got {self.betas!r}")
+        for i, b in enumerate(self.betas):
+            check_number(o, f"betas[{i}]", b, lo=0, hi=1, hi_open=True)
+        check_choice(o, "schedule", self.schedule, SCHEDULES)
+        check_number(o, "lr_min_ratio", self.lr_min_ratio, lo=0, hi=1)
+        check_number(o, "lr_step_every", self.lr_step_every, lo=0, integer=True)
+        if self.schedule == "step" and self.lr_step_every == 0:
+            raise ValueError(f"{o}.lr_step_every: expected an integer >= 1 with schedule='step' (the lr halves every "
+                             f"this many steps), got {self.lr_step_every!r}")
+        check_choice(o, "loss", self.loss, tuple(LOSSES))
+        check_number(o, "grad_clip", self.grad_clip, lo=0)
+        check_number(o, "val_every", self.val_every, lo=0, integer=True)
+        check_number(o, "ckpt_every", self.ckpt_every, lo=0, integer=True)
+        check_number(o, "seed", self.seed, lo=0, integer=True)
+        if self.seed >= 2**63:
+            raise ValueError(f"{o}.seed: expected an integer >= 0 and < 2**63, got {self.seed!r}")
+        if not isinstance(self.device, (str, torch.device)):
+            raise TypeError(f"{o}.device: expected 'auto' or a device such as 'cpu', 'cuda' or 'cuda:1', "
+                            f"got {self.device!r}")
+        if isinstance(self.device, str) and self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise ValueError(f"{o}.device: expected 'auto' or a device such as 'cpu', 'cuda' or 'cuda:1', "
+                                 f"got {self.device!r}") from None
+        for name in ("bf16", "channels_last", "progress"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise TypeError(f"{o}.{name}: expected True or False, got {getattr(self, name)!r}")
 
 
+SCHEDULES = ("cosine", "step", "constant")
 LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss}
 
 
@@ -146,6 +185,11 @@ class Strategy:
 
     #: True for a strategy that draws its own (e.g. precomputed, paired) data: fit then needs no images.
     owns_data: ClassVar[bool] = False
+
+    def data_digest(self) -> Optional[str]:
+        """sha256 of the data the strategy owns (None when it owns none): part of a run's data fingerprint, so
+        that a resume on other data is refused (see :func:`fit`)."""
+        return None
 
     def update(self, ctx: StepContext, loss_or_grads: torch.Tensor | Mapping[str, torch.Tensor], n_images: int, *,
                n_backprop: Optional[int] = None, opt: Optional[torch.optim.Optimizer] = None,
@@ -239,6 +283,12 @@ class PairedMSE(Strategy):
     def describe(self) -> Dict[str, Any]:
         return {"name": self.name, "n": len(self.clean)}
 
+    def data_digest(self) -> Optional[str]:
+        h = hashlib.sha256()
+        for t in (self.clean, self.dist):
+            _hash_tensor(h, t)
+        return h.hexdigest()
+
 
 def build_strategy(name: str, **kwargs: Any) -> Strategy:
     """A strategy by name (``erm``, ``paired_mse``, ``dil_pf``, ``dil_ps``, ``dil_sf``, ``dil_ss``,
@@ -273,6 +323,8 @@ class TrainResult:
 def validate(model: nn.Module, val_images: Sequence[torch.Tensor], val_distortions: Mapping[str, Distortion],
              seed: int = 1234, device: Optional[torch.device] = None) -> Dict[str, float]:
     """Mean PSNR per distortion label on fixed, seeded distorted copies of the validation images."""
+    _check_validation_inputs(model, val_images, val_distortions)
+    check_number("validate", "seed", seed, lo=0, integer=True)
     device = device or next(model.parameters()).device
     was = model.training
     model.eval()
@@ -308,23 +360,75 @@ def _comparable(rec: dict) -> dict:
     return rec
 
 
+def _flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+    if isinstance(d, dict):
+        out: Dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: d}
+
+
+def _diff(saved: dict, now: dict) -> str:
+    a, b = _flat(saved), _flat(now)
+    rows = [f"{k}: saved {a.get(k, '(absent)')!r}, now {b.get(k, '(absent)')!r}"
+            for k in sorted(set(a) | set(b)) if a.get(k, ()) != b.get(k, ())]
+    return "; ".join(rows[:8]) + (f"; ... ({len(rows) - 8} more)" if len(rows) > 8 else "")
+
+
+#: The values ``fit(allow_changed=...)`` (CLI: ``--allow-changed``) accepts.
+ALLOW_CHANGED = ("data", "steps")
+
+
 def fit(model: nn.Module, strategy: Strategy, train_images: Sequence[torch.Tensor] | PatchSampler | None,
         distortions: Sequence[Distortion], cfg: TrainConfig = TrainConfig(), *,
         val_images: Optional[Sequence[torch.Tensor]] = None, val_distortions: Optional[Mapping[str, Distortion]] = None,
-        run_dir: Optional[PathLike] = None, resume: bool = True,
+        run_dir: Optional[PathLike] = None, resume: bool = True, allow_changed: Collection[str] = (),
         callback: Optional[Callable[[int, Dict[str, Any]], None]] = None) -> TrainResult:
     """Train ``model`` with ``strategy`` on patches of ``train_images`` distorted by the seen ``distortions``.
 
-    With ``run_dir``, checkpoints (``model.safetensors``, ``state.pt``, ``run.json``) are written atomically every
-    ``cfg.ckpt_every`` steps and at the end; a later call with ``resume=True`` continues exactly where it stopped
-    (same batches, same noise, same optimiser moments). An existing run with a different config is an error,
-    never silently overwritten.
+    **Randomness.** Everything the loop draws (patches, distortions, strategy choices) comes from one
+    ``torch.Generator`` seeded with ``cfg.seed``. The global RNGs (torch CPU and the training device, numpy,
+    python ``random``) are, for the duration of the call, seeded from a value derived from ``cfg.seed`` and put
+    back to the caller's state on return, so a strategy that draws from them is reproducible too and a call
+    never depends on (or disturbs) the caller's global RNG state. The model's initial weights are the caller's:
+    seed before building it (``causalir train --seed`` does).
+
+    **Checkpoints.** With ``run_dir``, every ``cfg.ckpt_every`` steps and at the end one *unit* is written::
+
+        run_dir/ckpt-00000020/  model.safetensors  state.pt  run.json
+
+    ``state.pt`` holds the strategy state (optimiser moments, schedulers), the loop's generator, the global RNG
+    states and the counters; ``run.json`` the format, step, config, data fingerprint, history and the sha256 of
+    the two other files. A unit is written complete into ``.ckpt-00000020.tmp/`` (each file fsynced, run.json
+    last, the folder fsynced), then put in place with one rename and ``run_dir`` fsynced: a kill at any point
+    leaves the previous unit intact. The newest unit and the one before it are kept (older ones are renamed
+    to a ``*.tmp`` name, then deleted). On start, orphaned ``*.tmp`` entries of this layout are removed; units
+    are tried newest first, and one that fails its check (missing file, digest, format or step mismatch) is
+    refused with a warning and the previous good one is used. A run folder in the older three-file layout (no
+    units) is refused for resuming (its files cannot be checked as one unit); :func:`find_checkpoint` with
+    ``legacy=True`` still reads its weights.
+
+    **Resuming.** With ``resume=True`` a later call continues exactly where the newest good unit stopped (same
+    batches, same noise, same optimiser moments: bit-identical to an uninterrupted run). Refused, unless named
+    in ``allow_changed``: other training data (``"data"``: fingerprint of the patch sampler's images and of any
+    data the strategy owns) and a changed ``cfg.steps`` under the cosine schedule, which spans the step count
+    (``"steps"``; with ``constant``/``step`` schedules a longer run continues exactly and needs no permission).
+    Always refused: another configuration, a unit past ``cfg.steps`` and a unit written on another device type.
+    ``resume=False`` on an existing run is an error: nothing is overwritten silently. ``run_dir`` is checked
+    (a writable folder, empty or a run) before anything is trained.
     """
-    if not distortions and not strategy.owns_data:
-        raise ValueError("fit: expected at least one seen distortion")
-    if train_images is None and not strategy.owns_data:
-        raise ValueError(f"fit: train_images is None but strategy {strategy.name!r} does not draw its own data")
+    _check_fit_inputs(model, strategy, train_images, distortions, cfg, val_images, val_distortions, resume,
+                      allow_changed, callback)
     device = resolve_device(cfg.device)
+    run_path = None if run_dir is None else check_run_dir(run_dir)
+    with _GlobalRNG(cfg.seed, device) as global_rng:
+        return _fit(model, strategy, train_images, distortions, cfg, val_images, val_distortions, run_path, resume,
+                    set(allow_changed), callback, device, global_rng)
+
+
+def _fit(model, strategy, train_images, distortions, cfg, val_images, val_distortions, run_path, resume,
+         allow_changed, callback, device, global_rng) -> TrainResult:
     model.to(device)
     if cfg.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -338,17 +442,21 @@ def fit(model: nn.Module, strategy: Strategy, train_images: Sequence[torch.Tenso
     counters = Counters()
     history: List[Dict[str, Any]] = []
     record = _config_record(model, strategy, cfg, distortions)
-    run_path = Path(run_dir) if run_dir is not None else None
-    if run_path is not None and (run_path / "run.json").exists():
-        saved = json.loads((run_path / "run.json").read_text())
-        if not resume:
+    fingerprint = data_fingerprint(sampler, strategy) if run_path is not None else None
+    if run_path is not None:
+        units, legacy = _units(run_path), (run_path / "run.json").exists()
+        if (units or legacy) and not resume:
             raise FileExistsError(f"{run_path} already holds a run; pass resume=True to continue it or choose "
                                   "another run_dir (nothing is overwritten silently)")
-        if _comparable(saved["config"]) != _comparable(record):
-            raise ValueError(f"{run_path} holds a run with a different configuration; choose another run_dir.\n"
-                             f"saved: {saved['config']}\nnow:   {record}")
-        _load_checkpoint(run_path, model, strategy, gen, counters)
-        history = saved.get("history", [])
+        if units:
+            unit, saved = _newest_good_unit(run_path, units)
+            _check_resumable(run_path, saved, record, fingerprint, cfg, allow_changed)
+            _load_checkpoint(unit, saved, model, strategy, gen, global_rng, counters, device)
+            history = saved.get("history", [])
+        elif legacy:
+            raise ValueError(f"{run_path} holds a checkpoint in the older three-file layout (run.json, state.pt, "
+                             "model.safetensors replaced one after another), which cannot be checked as one unit "
+                             "and is not resumed; start a new run_dir (causalir evaluate still reads its weights)")
 
     def sample_clean() -> torch.Tensor:
         if sampler is None:
@@ -377,39 +485,374 @@ def fit(model: nn.Module, strategy: Strategy, train_images: Sequence[torch.Tenso
             if callback is not None:
                 callback(step, entry)
         if run_path is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
-            _save_checkpoint(run_path, model, strategy, gen, counters, record, history)
+            _save_checkpoint(run_path, model, strategy, gen, global_rng, counters, record, fingerprint, device,
+                             history)
     bar.close()
     wall = elapsed0 + time.perf_counter() - t0
     model.eval()
     return TrainResult(model, history, counters, wall, run_path)
 
 
-def _save_checkpoint(run: Path, model: nn.Module, strategy: Strategy, gen: torch.Generator, counters: Counters,
-                     record: dict, history: list) -> None:
-    import io
+# ------------------------------------------------------------------------------------------ input checks
+def _check_validation_inputs(model: Any, val_images: Any, val_distortions: Any, allow_empty: bool = False) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(val_images, torch.Tensor) or not isinstance(val_images, Sequence):
+        raise TypeError(f"val_images: expected a list of (C,H,W) image tensors, got {type(val_images).__name__}")
+    if not val_images and not allow_empty:
+        raise ValueError("val_images: expected at least one (C,H,W) image tensor, got an empty list")
+    for i, im in enumerate(val_images):
+        check_images(im, f"val_images[{i}]", batched=False)
+    if not isinstance(val_distortions, Mapping):
+        raise TypeError(f"val_distortions: expected a mapping label -> distortion, got "
+                        f"{type(val_distortions).__name__}")
+    if not val_distortions and not allow_empty:
+        raise ValueError("val_distortions: expected at least one label -> distortion, got an empty mapping")
+    for k, d in val_distortions.items():
+        if not callable(d):
+            raise TypeError(f"val_distortions[{k!r}]: expected a distortion (callable), got {type(d).__name__}")
 
-    run.mkdir(parents=True, exist_ok=True)
+
+def _check_fit_inputs(model, strategy, train_images, distortions, cfg, val_images, val_distortions, resume,
+                      allow_changed, callback) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fit: model: expected a torch.nn.Module, got {type(model).__name__}")
+    if not isinstance(strategy, Strategy):
+        raise TypeError(f"fit: strategy: expected a causalir.train.Strategy (see build_strategy), got "
+                        f"{type(strategy).__name__}")
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"fit: cfg: expected a TrainConfig, got {type(cfg).__name__}")
+    if isinstance(distortions, (str, bytes)) or not isinstance(distortions, (Sequence, tuple, list)):
+        raise TypeError(f"fit: distortions: expected a sequence of distortions, got {type(distortions).__name__}")
+    for i, d in enumerate(distortions):
+        if not callable(d) or not hasattr(d, "label"):
+            raise TypeError(f"fit: distortions[{i}]: expected a distortion (callable with a label), got "
+                            f"{type(d).__name__}")
+    if not distortions and not strategy.owns_data:
+        raise ValueError("fit: expected at least one seen distortion")
+    if train_images is None and not strategy.owns_data:
+        raise ValueError(f"fit: train_images is None but strategy {strategy.name!r} does not draw its own data")
+    if train_images is not None and not isinstance(train_images, PatchSampler) and (
+            isinstance(train_images, torch.Tensor) or not isinstance(train_images, Sequence)):
+        raise TypeError(f"fit: train_images: expected a list of (C,H,W) image tensors, a PatchSampler or None, "
+                        f"got {type(train_images).__name__}")
+    if val_images is not None or val_distortions is not None:  # validation runs when both are non-empty
+        _check_validation_inputs(model, [] if val_images is None else val_images,
+                                 {} if val_distortions is None else val_distortions, allow_empty=True)
+    if not isinstance(resume, (bool, np.bool_)):
+        raise TypeError(f"fit: resume: expected True or False, got {resume!r}")
+    if isinstance(allow_changed, str) or not isinstance(allow_changed, Collection):
+        raise TypeError(f"fit: allow_changed: expected a collection of {ALLOW_CHANGED}, got {allow_changed!r}")
+    for a in allow_changed:
+        check_choice("fit", "allow_changed", a, ALLOW_CHANGED)
+    if callback is not None and not callable(callback):
+        raise TypeError(f"fit: callback: expected a callable (step, entry) or None, got {type(callback).__name__}")
+
+
+# ------------------------------------------------------------------------------------------ randomness
+class _GlobalRNG:
+    """fit's own stream in the global RNGs (torch CPU + the training device, numpy, python ``random``): seeded on
+    entry from a value derived from the run's seed, saved in checkpoints, the caller's states restored on exit."""
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        digest = hashlib.sha256(f"causalir.train.fit global RNG {int(seed)}".encode()).digest()
+        self.seed = int.from_bytes(digest[:8], "little") >> 1  # not cfg.seed itself: no stream equals the generator's
+        self.device = device
+
+    def get(self) -> Dict[str, Any]:
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        py = random.getstate()
+        st: Dict[str, Any] = {"torch": torch.get_rng_state(),
+                              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss),
+                                        float(cached)],
+                              "python": [py[0], torch.tensor(py[1], dtype=torch.int64), py[2]]}
+        if self.device.type == "cuda":
+            st["cuda"] = torch.cuda.get_rng_state(self.device)
+        elif self.device.type == "mps":
+            st["mps"] = torch.mps.get_rng_state()
+        return st
+
+    def set(self, st: Mapping[str, Any]) -> None:
+        torch.set_rng_state(st["torch"])
+        name, keys, pos, has_gauss, cached = st["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(cached)))
+        random.setstate((st["python"][0], tuple(st["python"][1].tolist()), st["python"][2]))
+        if self.device.type == "cuda" and "cuda" in st:
+            torch.cuda.set_rng_state(st["cuda"], self.device)
+        elif self.device.type == "mps" and "mps" in st:
+            torch.mps.set_rng_state(st["mps"])
+
+    def __enter__(self) -> "_GlobalRNG":
+        self._outer = self.get()
+        torch.default_generator.manual_seed(self.seed)
+        np.random.seed(self.seed % 2**32)
+        random.seed(self.seed)
+        if self.device.type == "cuda":
+            with torch.cuda.device(self.device):
+                torch.cuda.manual_seed(self.seed)
+        elif self.device.type == "mps":
+            torch.mps.manual_seed(self.seed)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.set(self._outer)
+
+
+def _hash_tensor(h: Any, t: torch.Tensor) -> None:
+    t = t.detach().cpu().contiguous()
+    h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def data_fingerprint(sampler: Optional[PatchSampler], strategy: Optional[Strategy] = None) -> str:
+    """sha256 of what a run trains on: the patch sampler's images (as the uint8 stack it samples from) with its
+    patch/batch size and augmentation, plus :meth:`Strategy.data_digest` of the strategy's own data."""
+    h = hashlib.sha256()
+    if sampler is not None:
+        h.update(json.dumps({"patch_size": sampler.patch_size, "batch_size": sampler.batch_size,
+                             "augment": bool(sampler.augment), "sizes": sampler.sizes.tolist()}).encode())
+        _hash_tensor(h, sampler.stack)
+    own = strategy.data_digest() if strategy is not None else None
+    if own is not None:
+        h.update(own.encode())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------ run folders
+CHECKPOINT_FORMAT = "causalir-checkpoint/2"
+#: The files of one unit besides run.json; run.json, written last, holds their sha256.
+UNIT_FILES = ("model.safetensors", "state.pt")
+_UNIT = re.compile(r"^ckpt-(\d{8,})$")
+# Orphans of an interrupted write: a unit in the making / moved aside, a write probe, or the older layout's
+# temporary files (utils.atomic_write_bytes). Only these names are ever removed.
+_ORPHAN = re.compile(r"^\.(ckpt-\d{8,}(\.(old|refused))?|probe-\w+|(model\.safetensors|state\.pt|run\.json)\.\w+)\.tmp$")
+_LEGACY_FILES = ("run.json", "state.pt", "model.safetensors")
+
+
+def check_run_dir(run_dir: PathLike) -> Path:
+    """Make sure ``run_dir`` can hold a run before anything is trained: a folder (created if missing) that is
+    writable and empty or a causalir run; orphaned ``*.tmp`` entries of an interrupted checkpoint are removed."""
+    if not isinstance(run_dir, (str, os.PathLike)) or str(run_dir) == "":
+        raise TypeError(f"run_dir: expected a folder path, got {run_dir!r}")
+    run = Path(run_dir)
+    if run.exists() and not run.is_dir():
+        raise NotADirectoryError(f"run_dir {run} is a file, expected a folder for the run's checkpoints")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise type(e)(f"run_dir {run}: cannot create the folder ({e.strerror or e})") from None
+    try:
+        fd, probe = tempfile.mkstemp(dir=run, prefix=".probe-", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(f"run_dir {run} is not writable ({e.strerror or e}): checkpoints could not be "
+                              "saved; choose a writable folder") from None
+    for p in run.iterdir():
+        if _ORPHAN.match(p.name):
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+    foreign = sorted(p.name for p in run.iterdir()
+                     if not p.name.startswith(".") and not (_UNIT.match(p.name) and p.is_dir())
+                     and p.name not in _LEGACY_FILES)
+    if foreign:
+        raise ValueError(f"run_dir {run} holds entries that are not part of a causalir run ({', '.join(foreign[:5])}"
+                         f"{', ...' if len(foreign) > 5 else ''}); choose an empty or new folder")
+    return run
+
+
+def _units(run: Path) -> List[Tuple[int, Path]]:
+    """The checkpoint units of a run folder, newest first."""
+    if not run.is_dir():
+        return []
+    out = [(int(m.group(1)), p) for p in run.iterdir() if (m := _UNIT.match(p.name)) and p.is_dir()]
+    return sorted(out, reverse=True)
+
+
+class _Refused(Exception):
+    pass
+
+
+def _read_unit(unit: Path, step: int) -> dict:
+    """A unit's run.json after checking it describes a complete unit; raises _Refused with the reason."""
+    try:
+        meta = json.loads((unit / "run.json").read_text())
+    except FileNotFoundError:
+        raise _Refused("no run.json (incomplete unit)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _Refused(f"run.json is unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise _Refused(f"run.json format is {meta.get('format') if isinstance(meta, dict) else None!r}, "
+                       f"expected {CHECKPOINT_FORMAT!r}")
+    if meta.get("step") != step:
+        raise _Refused(f"run.json is for step {meta.get('step')!r}, the folder for step {step}")
+    digests = meta.get("sha256")
+    if not isinstance(digests, dict) or sorted(digests) != sorted(UNIT_FILES):
+        raise _Refused(f"run.json lists digests for {sorted(digests) if isinstance(digests, dict) else None}, "
+                       f"expected {sorted(UNIT_FILES)}")
+    for name in UNIT_FILES:
+        try:
+            got = hashlib.sha256((unit / name).read_bytes()).hexdigest()
+        except OSError as e:
+            raise _Refused(f"{name} is missing or unreadable ({e.strerror or e})") from None
+        if got != digests[name]:
+            raise _Refused(f"{name} does not match its recorded sha256 (stale or damaged)")
+    return meta
+
+
+def _newest_good_unit(run: Path, units: Sequence[Tuple[int, Path]]) -> Tuple[Path, dict]:
+    reasons = []
+    for step, unit in units:
+        try:
+            meta = _read_unit(unit, step)
+        except _Refused as e:
+            reasons.append(f"{unit.name}: {e}")
+            warnings.warn(f"refused checkpoint {unit}: {e}; trying the previous one", RuntimeWarning, stacklevel=3)
+            continue
+        return unit, meta
+    raise ValueError(f"{run} holds no valid checkpoint ({'; '.join(reasons)}); move the folder away to start "
+                     "again or choose another run_dir")
+
+
+def find_checkpoint(run_dir: PathLike, legacy: bool = False) -> Tuple[Path, dict]:
+    """The newest valid checkpoint unit of ``run_dir`` and its run.json record (``record["config"]["model"]``
+    rebuilds the model, ``unit / "model.safetensors"`` holds its weights); refused units are reported with a
+    warning. With ``legacy=True`` a folder in the older three-file layout is returned itself (weights only: it
+    is never resumed). Raises FileNotFoundError when ``run_dir`` holds no checkpoint."""
+    run = Path(run_dir)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run} is not a training run (no such folder); train one with `causalir train`")
+    units = _units(run)
+    if units:
+        return _newest_good_unit(run, units)
+    if legacy and (run / "run.json").is_file():
+        try:
+            rec = json.loads((run / "run.json").read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"could not read {run / 'run.json'}: {e}") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("config"), dict) or "model" not in rec["config"]:
+            raise ValueError(f"{run / 'run.json'} is not a causalir run record (no config.model)")
+        return run, rec
+    raise FileNotFoundError(f"{run} is not a training run (no checkpoint); train one with `causalir train`")
+
+
+def _check_resumable(run: Path, saved: dict, record: dict, fingerprint: Optional[str], cfg: TrainConfig,
+                     allow_changed: Collection[str]) -> None:
+    if _comparable(saved["config"]) != _comparable(record):
+        raise ValueError(f"{run} holds a run with a different configuration ({_diff(_comparable(saved['config']), _comparable(record))}); "
+                         "choose another run_dir")
+    if saved.get("data_sha256") != fingerprint and "data" not in allow_changed:
+        raise ValueError(f"{run} was trained on other data (fingerprint {str(saved.get('data_sha256'))[:12]}, now "
+                         f"{str(fingerprint)[:12]}): resuming would mix two data sets; pass allow_changed=('data',) "
+                         "(causalir train --allow-changed data) to continue on the new data, or choose another run_dir")
+    at, was = int(saved["step"]), int(saved["config"]["train"]["steps"])
+    if at > cfg.steps:
+        raise ValueError(f"{run} is at step {at}, past TrainConfig.steps={cfg.steps}: a run is not shortened; pass "
+                         f"steps >= {at} or choose another run_dir")
+    if cfg.steps != was and cfg.schedule == "cosine" and "steps" not in allow_changed:
+        raise ValueError(f"{run} was started with steps={was}, now steps={cfg.steps}: the cosine schedule spans the "
+                         "step count, so continuing would reshape it (the result matches neither run); pass "
+                         "allow_changed=('steps',) (causalir train --allow-changed steps) to continue anyway, or "
+                         "choose another run_dir")
+
+
+# The primitive steps of a checkpoint write (module functions, so that a test can make each fail in turn).
+def _mkdir(path: Path) -> None:
+    path.mkdir()
+
+
+def _write(fh: Any, data: bytes) -> None:
+    fh.write(data)
+
+
+def _fsync(fd: int) -> None:
+    os.fsync(fd)
+
+
+def _rename(src: Path, dst: Path) -> None:
+    os.rename(src, dst)
+
+
+def _rmtree(path: Path) -> None:
+    shutil.rmtree(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    if os.name == "nt":  # directories cannot be opened for fsync on Windows
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_unit(run: Path, step: int, files: Mapping[str, bytes]) -> Path:
+    """Write one checkpoint unit: complete in a temporary folder, then swapped in with one rename (see fit)."""
+    name = f"ckpt-{step:08d}"
+    final, tmp = run / name, run / f".{name}.tmp"
+    if tmp.exists():
+        _rmtree(tmp)
+    _mkdir(tmp)
+    for fname, data in files.items():  # run.json comes last
+        with open(tmp / fname, "xb") as fh:
+            _write(fh, data)
+            fh.flush()
+            _fsync(fh.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a unit refused on load at this very step: moved aside, deleted below
+        aside = run / f".{name}.refused.tmp"
+        if aside.exists():
+            _rmtree(aside)
+        _rename(final, aside)
+    _rename(tmp, final)
+    _fsync_dir(run)
+    # keep this unit and the newest before it; the rest (older ones, refused later ones) go: renamed, then deleted
+    units = _units(run)
+    older = [p for s, p in units if s < step]
+    for s, p in units:
+        if p != final and (not older or p != older[0]):
+            gone = run / f".{p.name}.old.tmp"
+            _rename(p, gone)
+            _rmtree(gone)
+    if (run / f".{name}.refused.tmp").exists():
+        _rmtree(run / f".{name}.refused.tmp")
+    return final
+
+
+def _save_checkpoint(run: Path, model: nn.Module, strategy: Strategy, gen: torch.Generator, global_rng: _GlobalRNG,
+                     counters: Counters, record: dict, fingerprint: Optional[str], device: torch.device,
+                     history: list) -> Path:
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    atomic_write_bytes(run / "model.safetensors", save(weights))
     buf = io.BytesIO()
-    torch.save({"strategy": strategy.state_dict(), "generator": gen.get_state(), "counters": counters.as_dict()}, buf)
-    atomic_write_bytes(run / "state.pt", buf.getvalue())
-    atomic_write_json(run / "run.json", {"config": record, "counters": counters.as_dict(), "history": history,
-                                         "torch": torch.__version__})
+    torch.save({"strategy": strategy.state_dict(), "generator": gen.get_state(), "global_rng": global_rng.get(),
+                "counters": counters.as_dict(), "device": device.type}, buf)
+    files = {"model.safetensors": save(weights), "state.pt": buf.getvalue()}
+    meta = {"format": CHECKPOINT_FORMAT, "step": counters.steps, "config": record, "data_sha256": fingerprint,
+            "counters": counters.as_dict(), "history": history, "torch": torch.__version__,
+            "sha256": {n: hashlib.sha256(b).hexdigest() for n, b in files.items()}}
+    from .utils import _json_default
+
+    files["run.json"] = (json.dumps(meta, indent=2, default=_json_default) + "\n").encode()
+    return _write_unit(run, counters.steps, files)
 
 
-def _load_checkpoint(run: Path, model: nn.Module, strategy: Strategy, gen: torch.Generator, counters: Counters) -> None:
+def _load_checkpoint(unit: Path, meta: dict, model: nn.Module, strategy: Strategy, gen: torch.Generator,
+                     global_rng: _GlobalRNG, counters: Counters, device: torch.device) -> None:
     from .models import load_state
 
-    load_state(model, run / "model.safetensors")
     try:
-        state = torch.load(run / "state.pt", map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{run} has run.json but no state.pt: the checkpoint is incomplete") from None
-    except Exception as e:  # corrupt pickle
-        raise ValueError(f"could not read {run / 'state.pt'}: {e}") from None
+        state = torch.load(unit / "state.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # the digest matched, so this is a file from another torch or a foreign writer
+        raise ValueError(f"could not read {unit / 'state.pt'}: {e}") from None
+    if state.get("device") != device.type:
+        raise ValueError(f"{unit} was written by a run on {state.get('device')!r}, this one runs on "
+                         f"{device.type!r}: the random streams differ, resume on {state.get('device')!r}")
+    if int(state["counters"]["steps"]) != int(meta["step"]):
+        raise ValueError(f"{unit}: state.pt is for step {state['counters']['steps']}, run.json for {meta['step']}")
+    load_state(model, unit / "model.safetensors")
     strategy.load_state_dict(_to_device(state["strategy"], next(model.parameters()).device))
     gen.set_state(state["generator"])
+    global_rng.set(state["global_rng"])
     for k, v in state["counters"].items():
         setattr(counters, k, int(v))
 

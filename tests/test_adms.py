@@ -176,7 +176,7 @@ def test_mix_coefficients_sums_to_one_and_rejects_bad_weights():
     torch.testing.assert_close(c, torch.tensor([0.25, 0.75, 0.0]))
     with pytest.raises(ValueError, match="non-negative"):
         A.mix_coefficients([0.0, 0.0])
-    with pytest.raises(ValueError, match="non-negative"):
+    with pytest.raises(ValueError, match=r"mix_coefficients.weights\[0\]: expected a number >= 0, got -1.0"):
         A.mix_coefficients([-1.0, 2.0])
 
 

@@ -40,8 +40,9 @@ def test_resume_continues_exactly(tmp_path):
                         run_dir=run)
     assert torch.equal(_weights(straight.model), _weights(resumed.model))
     assert resumed.counters.steps == 8 and resumed.counters.images_forwarded == 32
-    rec = json.loads((run / "run.json").read_text())
-    assert rec["counters"]["distorted_batches"] == 8
+    unit, rec = train.find_checkpoint(run)
+    assert unit.name == "ckpt-00000008" and rec["counters"]["distorted_batches"] == 8
+    assert rec == json.loads((unit / "run.json").read_text())
 
 
 def test_existing_run_is_not_overwritten(tmp_path):
@@ -49,11 +50,12 @@ def test_existing_run_is_not_overwritten(tmp_path):
     train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=2), run_dir=run)
     with pytest.raises(FileExistsError, match="already holds a run"):
         train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=2), run_dir=run, resume=False)
-    with pytest.raises(ValueError, match="different configuration"):
+    with pytest.raises(ValueError, match="different configuration .*train.lr: saved 0.001, now 0.0005"):
         train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=2, lr=5e-4), run_dir=run)
-    (run / "state.pt").write_bytes(b"corrupt")
-    with pytest.raises(ValueError, match="could not read"):
-        train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=3), run_dir=run)
+    (run / "ckpt-00000002" / "state.pt").write_bytes(b"corrupt")
+    with pytest.warns(RuntimeWarning, match="state.pt does not match its recorded sha256"), \
+            pytest.raises(ValueError, match="holds no valid checkpoint"):
+        train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN, _cfg(steps=2), run_dir=run)
 
 
 def test_erm_learns_and_validates():
@@ -147,3 +149,57 @@ def test_a_strategy_that_owns_its_data_needs_no_images():
     with pytest.raises(ValueError, match="train_images is None but strategy 'erm'"):
         train.fit(_model(), train.build_strategy("erm"), None, SEEN, _cfg())
     assert "paired_mse" in train.strategy_names() and "sr_x2" in train.strategy_names()
+
+
+def _bad_fit_args():
+    m, erm = _model(), train.build_strategy("erm")
+    val = {"noise": distortions.GaussianNoise(20)}
+    return {
+        "model": (dict(model="dncnn"), TypeError, "model: expected a torch.nn.Module"),
+        "strategy": (dict(strategy="erm"), TypeError, "strategy: expected a causalir.train.Strategy"),
+        "cfg": (dict(cfg={"steps": 2}), TypeError, "cfg: expected a TrainConfig"),
+        "distortions str": (dict(distortions="noise"), TypeError, "distortions: expected a sequence"),
+        "distortions item": (dict(distortions=[3]), TypeError, r"distortions\[0\]: expected a distortion"),
+        "distortions empty": (dict(distortions=[]), ValueError, "at least one seen distortion"),
+        "train_images tensor": (dict(train_images=torch.rand(2, 3, 32, 32)), TypeError, "train_images: expected a list"),
+        "train_images 4d item": (dict(train_images=[torch.rand(1, 3, 32, 32)]), ValueError, r"images\[0\]: expected shape"),
+        "train_images uint8": (dict(train_images=[torch.zeros(3, 32, 32, dtype=torch.uint8)]), TypeError, "floating-point"),
+        "train_images range": (dict(train_images=[torch.rand(3, 32, 32) * 255]), ValueError, r"expected values in \[0, 1\]"),
+        "train_images nan": (dict(train_images=[torch.full((3, 32, 32), float("nan"))]), ValueError, "expected values"),
+        "train_images empty": (dict(train_images=[]), ValueError, "at least one image"),
+        "val_images tensor": (dict(val_images=torch.rand(1, 3, 16, 16), val_distortions=val), TypeError, "val_images: expected a list"),
+        "val_images item": (dict(val_images=[torch.rand(3, 16)], val_distortions=val), ValueError, r"val_images\[0\]: expected shape"),
+        "val_images range": (dict(val_images=[torch.rand(3, 16, 16) + 2], val_distortions=val), ValueError, r"val_images\[0\]: expected values"),
+        "val_distortions list": (dict(val_images=[IMGS[0]], val_distortions=[val["noise"]]), TypeError, "val_distortions: expected a mapping"),
+        "val_distortions item": (dict(val_images=[IMGS[0]], val_distortions={"x": 3}), TypeError, r"val_distortions\['x'\]"),
+        "resume": (dict(resume="yes"), TypeError, "resume: expected True or False"),
+        "callback": (dict(callback=3), TypeError, "callback: expected a callable"),
+        "run_dir": (dict(run_dir=3), TypeError, "run_dir: expected a folder path"),
+    }, m, erm
+
+
+@pytest.mark.parametrize("case", sorted(_bad_fit_args()[0]))
+def test_fit_refuses_bad_arguments_before_training(case, monkeypatch):
+    bad, m, erm = _bad_fit_args()
+    kw, exc, msg = bad[case]
+    args = dict(model=m, strategy=erm, train_images=IMGS, distortions=SEEN, cfg=_cfg())
+    args.update(kw)
+    monkeypatch.setattr(train.ERM, "step", lambda self, ctx: pytest.fail("training started"))
+    with pytest.raises(exc, match=msg):
+        train.fit(args.pop("model"), args.pop("strategy"), args.pop("train_images"), args.pop("distortions"),
+                  args.pop("cfg"), **args)
+
+
+@pytest.mark.parametrize("kw,exc,msg", [
+    (dict(val_images=[]), ValueError, "val_images: expected at least one"),
+    (dict(val_distortions={}), ValueError, "val_distortions: expected at least one"),
+    (dict(seed=-1), ValueError, "validate.seed: expected an integer >= 0"),
+    (dict(seed=1.5), ValueError, "validate.seed"),
+    (dict(model="dncnn"), TypeError, "model: expected a torch.nn.Module"),
+    (dict(val_images=[torch.rand(2, 3, 8, 8)]), ValueError, r"val_images\[0\]: expected shape \(C,H,W\)"),
+])
+def test_validate_refuses_bad_arguments(kw, exc, msg):
+    args = dict(model=_model(), val_images=[IMGS[0]], val_distortions={"n": distortions.GaussianNoise(20)})
+    args.update(kw)
+    with pytest.raises(exc, match=msg):
+        train.validate(**args)

@@ -22,6 +22,7 @@ from ..adms import (DEGRADATION_SETS, ADMSStrategy, Masks, build_adms, classifie
                     mask_share)
 from ..distortions import Distortion
 from ..train import Strategy, TrainConfig
+from ..utils import check_choice, check_number
 from . import claims as C
 from .profiles import select
 from .record import Experiment, envelope
@@ -82,20 +83,28 @@ class ADMSConfig:
     seeds_second_task: int = 1
 
     def __post_init__(self) -> None:
+        from .. import models
+
+        o = "ADMSConfig"
+        check_choice(o, "model", self.model, models.names())
+        if not isinstance(self.model_cfg, Mapping):
+            raise TypeError(f"{o}.model_cfg: expected a dict of model options, got {self.model_cfg!r}")
         bad = [t for t in self.tasks if t not in DEGRADATION_SETS]
-        if not self.tasks or bad:
+        if isinstance(self.tasks, str) or not self.tasks or bad:
             raise ValueError(f"ADMSConfig.tasks: expected names from {', '.join(DEGRADATION_SETS)}, got "
-                             f"{list(self.tasks)!r}")
-        if self.mode not in ("offset", "replace"):
-            raise ValueError(f"ADMSConfig.mode: expected 'offset' or 'replace', got {self.mode!r}")
-        if self.mixing not in ("soft", "hard"):
-            raise ValueError(f"ADMSConfig.mixing: expected 'soft' or 'hard', got {self.mixing!r}")
-        if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"ADMSConfig.fraction: expected a share in (0, 1], got {self.fraction!r}")
-        if min(self.um_steps, self.im_steps, self.adms_steps, self.warmup_steps) < 0:
-            raise ValueError("ADMSConfig: step counts must be >= 0")
-        if self.seeds < 1 or self.seeds_second_task < 1:
-            raise ValueError("ADMSConfig: seeds and seeds_second_task must be >= 1")
+                             f"{self.tasks!r}")
+        check_choice(o, "mode", self.mode, ("offset", "replace"))
+        check_choice(o, "mixing", self.mixing, ("soft", "hard"))
+        check_number(o, "fraction", self.fraction, lo=0, lo_open=True, hi=1)   # a share of the kernels
+        for k in ("um_steps", "im_steps", "adms_steps", "warmup_steps"):
+            check_number(o, k, getattr(self, k), lo=0, integer=True)
+        for k in ("batch_size", "faig_steps", "faig_images", "faig_side", "clf_nf", "eval_side", "acc_patches",
+                  "seeds", "seeds_second_task"):
+            check_number(o, k, getattr(self, k), lo=1, integer=True)
+        check_number(o, "patch_size", self.patch_size, lo=8, integer=True)   # as TrainConfig.patch_size
+        for k in ("lr", "im_lr", "adms_lr"):
+            check_number(o, k, getattr(self, k), lo=0, lo_open=True)
+        check_number(o, "ce_weight", self.ce_weight, lo=0)
 
 
 PROFILES: Dict[str, ADMSConfig] = {

@@ -21,7 +21,7 @@ from ..backdoor import STRATA_NAMES, BackdoorERM, ConfoundedERM, brightness, bri
 from ..distortions import GaussianNoise
 from ..metrics import psnr
 from ..train import Strategy
-from ..utils import make_generator, resolve_device
+from ..utils import check_choice, check_number, make_generator, resolve_device
 from . import claims as C
 from .profiles import select
 from .record import Experiment, envelope
@@ -64,22 +64,22 @@ class ToyRecipe:
     graph_n: int = 20_000
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "patch_size", "eval_side", "tile", "seeds"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"ToyRecipe.{name}: expected a positive integer, got {getattr(self, name)!r}")
-        if not (self.sigma_heavy >= 0 and self.sigma_light >= 0):
-            raise ValueError(f"ToyRecipe: noise levels must be >= 0, got {self.sigma_heavy}, {self.sigma_light}")
-        if not 0.0 <= self.tie <= 1.0:
-            raise ValueError(f"ToyRecipe.tie: expected a value in [0, 1], got {self.tie!r}")
-        if self.backdoor_mode not in ("enumerate", "sample"):
-            raise ValueError(f"ToyRecipe.backdoor_mode: expected 'enumerate' or 'sample', got {self.backdoor_mode!r}")
-        if self.eval_split not in ("val", "test"):
-            raise ValueError(f"ToyRecipe.eval_split: expected 'val' or 'test', got {self.eval_split!r}")
-        if not self.lr > 0:
-            raise ValueError(f"ToyRecipe.lr: expected > 0, got {self.lr!r}")
-        if not 0.0 <= self.graph_strength <= 1.0 or self.graph_n < 2:
-            raise ValueError(f"ToyRecipe: graph_strength must lie in [0, 1] and graph_n >= 2, got "
-                             f"{self.graph_strength!r}, {self.graph_n!r}")
+        o = "ToyRecipe"
+        check_choice(o, "model", self.model, models.names())
+        if not isinstance(self.model_cfg, Mapping):
+            raise TypeError(f"{o}.model_cfg: expected a dict of model options, got {self.model_cfg!r}")
+        for name in ("steps", "batch_size", "eval_side", "tile", "seeds"):
+            check_number(o, name, getattr(self, name), lo=1, integer=True)
+        check_number(o, "patch_size", self.patch_size, lo=8, integer=True)   # as TrainConfig.patch_size
+        check_number(o, "tile", self.tile, lo=1, hi=self.eval_side, integer=True)  # a tile must fit the eval side
+        check_number(o, "sigma_heavy", self.sigma_heavy, lo=0, hi=255)
+        check_number(o, "sigma_light", self.sigma_light, lo=0, hi=255)
+        check_number(o, "tie", self.tie, lo=0, hi=1)
+        check_choice(o, "backdoor_mode", self.backdoor_mode, ("enumerate", "sample"))
+        check_choice(o, "eval_split", self.eval_split, ("val", "test"))
+        check_number(o, "lr", self.lr, lo=0, lo_open=True)
+        check_number(o, "graph_strength", self.graph_strength, lo=0, hi=1)
+        check_number(o, "graph_n", self.graph_n, lo=2, integer=True)
 
 
 PROFILES: Dict[str, ToyRecipe] = {

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .. import data, dil, distortions, evaluate, models, train
+from ..utils import check_choice, check_number
 from . import claims as C
 from .plots import show_images
 from .profiles import select
@@ -80,25 +81,29 @@ class DILProfile:
     sweep: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        o = type(self).__name__
+        check_choice(o, "model", self.model, models.names())
+        if not isinstance(self.model_cfg, Mapping):
+            raise TypeError(f"{o}.model_cfg: expected a dict of model options, got {self.model_cfg!r}")
+        if not isinstance(self.sweep, Mapping):
+            raise TypeError(f"{o}.sweep: expected a dict, got {self.sweep!r}")
+        if isinstance(self.strategies, str):
+            raise ValueError(f"{o}.strategies: expected a non-empty subset of {', '.join(LABEL)}, got the string "
+                             f"{self.strategies!r} (write ({self.strategies!r},))")
         object.__setattr__(self, "strategies", tuple(self.strategies))
-        for k in ("batch_size", "patch_size", "budget", "checkpoints", "seeds", "eval_side", "val_side"):
-            v = getattr(self, k)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"DILProfile.{k}: expected an int >= 1, got {v!r}")
+        for k in ("batch_size", "budget", "checkpoints", "seeds", "eval_side", "val_side"):
+            check_number(o, k, getattr(self, k), lo=1, integer=True)
+        check_number(o, "patch_size", self.patch_size, lo=8, integer=True)   # as TrainConfig.patch_size
         bad = [s for s in self.strategies if s not in LABEL]
         if not self.strategies or bad:
             raise ValueError(f"DILProfile.strategies: expected a non-empty subset of {', '.join(LABEL)}, got "
                              f"{list(self.strategies)}")
-        for k in ("lr", "meta_lr", "ref_inner_lr", "ref_meta_lr"):
-            v = getattr(self, k)
-            if v is not None and not v > 0:
-                raise ValueError(f"DILProfile.{k}: expected a learning rate > 0 (or None), got {v!r}")
-        if not self.alpha >= 0:
-            raise ValueError(f"DILProfile.alpha: expected >= 0, got {self.alpha!r}")
-        for k in ("n_distortions", "ref_n_distortions"):
-            v = getattr(self, k)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"DILProfile.{k}: expected an int >= 1 or None (all seen), got {v!r}")
+        check_number(o, "lr", self.lr, lo=0, lo_open=True)
+        for k in ("meta_lr", "ref_inner_lr", "ref_meta_lr"):      # None = lr
+            check_number(o, k, getattr(self, k), lo=0, lo_open=True, allow_none=True)
+        check_number(o, "alpha", self.alpha, lo=0)
+        for k in ("n_distortions", "ref_n_distortions"):          # None = all seen
+            check_number(o, k, getattr(self, k), lo=1, integer=True, allow_none=True)
 
     def strategy_kwargs(self, name: str) -> Dict[str, Any]:
         if name == "erm":
@@ -123,8 +128,13 @@ class BackbonesProfile(DILProfile):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.backbones:
-            raise ValueError("BackbonesProfile.backbones: expected at least one backbone")
+        if not isinstance(self.backbones, Mapping) or not self.backbones:
+            raise ValueError(f"BackbonesProfile.backbones: expected at least one backbone (a {{model: config}} dict), "
+                             f"got {self.backbones!r}")
+        for name, cfg in self.backbones.items():
+            check_choice("BackbonesProfile", "backbones", name, models.names())
+            if not isinstance(cfg, Mapping):
+                raise TypeError(f"BackbonesProfile.backbones[{name!r}]: expected a dict of model options, got {cfg!r}")
 
     def base(self) -> Dict[str, Any]:
         """The profile's fields without ``backbones`` (what the record's ``config["profile"]`` holds)."""

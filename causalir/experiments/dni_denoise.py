@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from ..interpolate import dni_sweep, weight_distance
+from ..utils import check_choice, check_number
 from . import claims as C
 from .profiles import select
 from .record import Experiment, envelope
@@ -54,13 +55,32 @@ class DNIConfig:
     seeds: int = 1
 
     def __post_init__(self) -> None:
-        if not (0 < self.parent_sigma < self.child_sigma) or not self.ref_sigmas:
+        from .. import models
+
+        o = "DNIConfig"
+        check_choice(o, "model", self.model, models.names())
+        if not isinstance(self.model_cfg, Mapping):
+            raise TypeError(f"{o}.model_cfg: expected a dict of model options, got {self.model_cfg!r}")
+        check_number(o, "parent_sigma", self.parent_sigma, lo=0, lo_open=True, hi=255)
+        check_number(o, "child_sigma", self.child_sigma, lo=self.parent_sigma, lo_open=True, hi=255)  # > parent
+        if isinstance(self.ref_sigmas, (str, bytes)) or not isinstance(self.ref_sigmas, Sequence) or not self.ref_sigmas:
             raise ValueError(f"DNIConfig: expected 0 < parent_sigma < child_sigma and some ref_sigmas, got "
                              f"{self.parent_sigma!r}, {self.child_sigma!r}, {self.ref_sigmas!r}")
-        if not all(0.0 <= a <= 1.0 for a in self.alphas) or 0.0 not in self.alphas or 1.0 not in self.alphas:
+        for i, s in enumerate(self.ref_sigmas):
+            check_number(o, f"ref_sigmas[{i}]", s, lo=0, lo_open=True, hi=255)
+        if isinstance(self.alphas, (str, bytes)) or not isinstance(self.alphas, Sequence):
             raise ValueError(f"DNIConfig.alphas: expected values in [0, 1] including 0 and 1, got {self.alphas!r}")
-        if min(self.parent_steps, self.ft_steps) < 0 or self.seeds < 1:
-            raise ValueError("DNIConfig: step counts must be >= 0 and seeds >= 1")
+        for i, a in enumerate(self.alphas):
+            check_number(o, f"alphas[{i}]", a, lo=0, hi=1)
+        if 0.0 not in self.alphas or 1.0 not in self.alphas:
+            raise ValueError(f"DNIConfig.alphas: expected values in [0, 1] including 0 and 1, got {self.alphas!r}")
+        check_number(o, "parent_steps", self.parent_steps, lo=0, integer=True)
+        check_number(o, "ft_steps", self.ft_steps, lo=0, integer=True)
+        for k in ("batch_size", "eval_side", "seeds"):
+            check_number(o, k, getattr(self, k), lo=1, integer=True)
+        check_number(o, "patch_size", self.patch_size, lo=8, integer=True)   # as TrainConfig.patch_size
+        check_number(o, "lr", self.lr, lo=0, lo_open=True)
+        check_number(o, "ft_lr", self.ft_lr, lo=0, lo_open=True)
 
 
 PROFILES: Dict[str, DNIConfig] = {

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from .. import data, distortions, evaluate, models, train
+from ..utils import check_choice, check_number
 from . import claims as C
 from .profiles import select
 from .record import Experiment, envelope
@@ -37,6 +38,19 @@ class RestorationRecipe:
     val_every: int = 0
     eval_side: int = 128
     seeds: int = 1
+
+    def __post_init__(self) -> None:
+        o = "RestorationRecipe"
+        check_choice(o, "model", self.model, models.names())
+        if not isinstance(self.model_cfg, Mapping):
+            raise TypeError(f"{o}.model_cfg: expected a dict of model options, got {self.model_cfg!r}")
+        check_number(o, "steps", self.steps, lo=0, integer=True)
+        check_number(o, "batch_size", self.batch_size, lo=1, integer=True)
+        check_number(o, "patch_size", self.patch_size, lo=8, integer=True)   # as TrainConfig.patch_size
+        check_number(o, "lr", self.lr, lo=0, lo_open=True)
+        check_number(o, "val_every", self.val_every, lo=0, integer=True)     # 0 = no validation
+        check_number(o, "eval_side", self.eval_side, lo=1, integer=True)
+        check_number(o, "seeds", self.seeds, lo=1, integer=True)
 
 
 PROFILES: Dict[str, RestorationRecipe] = {

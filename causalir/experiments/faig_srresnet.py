@@ -82,14 +82,32 @@ class FAIGConfig:
     internal_batch_size: Optional[int] = None
 
     def __post_init__(self) -> None:
-        if min(self.baseline_steps, self.target_steps, self.retrain_steps) < 0:
-            raise ValueError("FAIGConfig: step counts must be >= 0")
-        if self.n_steps < 1 or self.ig_steps < 1 or self.os_steps < 1 or self.seeds < 1:
-            raise ValueError("FAIGConfig: n_steps, ig_steps, os_steps and seeds must be >= 1")
-        if not self.fractions or not all(0.0 < f <= 1.0 for f in self.fractions):
-            raise ValueError(f"FAIGConfig.fractions: expected shares in (0, 1], got {self.fractions!r}")
-        if self.crop % 2 or self.patch_size % 2:
-            raise ValueError("FAIGConfig: crop and patch_size must be even (x2 SR)")
+        from ..utils import check_number
+
+        o = "FAIGConfig"
+        if not isinstance(self.model_cfg, Mapping):
+            raise TypeError(f"{o}.model_cfg: expected a dict of SRResNet options, got {self.model_cfg!r}")
+        for k in ("baseline_steps", "target_steps", "retrain_steps"):
+            check_number(o, k, getattr(self, k), lo=0, integer=True)
+        for k in ("batch_size", "n_steps", "ig_steps", "val_crops", "test_crops", "os_steps", "seeds"):
+            check_number(o, k, getattr(self, k), lo=1, integer=True)
+        check_number(o, "internal_batch_size", self.internal_batch_size, lo=1, integer=True, allow_none=True)
+        for k in ("lr", "target_lr", "retrain_lr"):
+            check_number(o, k, getattr(self, k), lo=0, lo_open=True)
+        check_number(o, "patch_size", self.patch_size, lo=8, integer=True)   # as TrainConfig.patch_size
+        check_number(o, "crop", self.crop, lo=2, integer=True)
+        for k in ("crop", "patch_size"):
+            if getattr(self, k) % 2:
+                raise ValueError(f"{o}.{k}: expected an even integer (x2 SR), got {getattr(self, k)!r}")
+        for k in ("fractions", "lambdas"):
+            v = getattr(self, k)
+            if isinstance(v, (str, bytes)) or not isinstance(v, Sequence) or not v:
+                raise ValueError(f"{o}.{k}: expected a non-empty sequence of numbers, got {v!r}")
+        for i, f in enumerate(self.fractions):
+            check_number(o, f"fractions[{i}]", f, lo=0, lo_open=True, hi=1)   # shares of the kernels
+        for i, lam in enumerate(self.lambdas):
+            check_number(o, f"lambdas[{i}]", lam)                              # any finite modulation weight
+        check_number(o, "os_fraction", self.os_fraction, lo=0, lo_open=True, hi=1)
 
 
 PROFILES: Dict[str, FAIGConfig] = {
@@ -361,30 +379,182 @@ def _cache_path(cfg: FAIGConfig, seed: int, device: str, profile: str):
     return artifacts_dir() / "cache" / NAME / f"{profile}-seed{seed}-{key}.json"
 
 
-def cached_run_seed(cfg: FAIGConfig, seed: int, device: str, profile: str, *, wait_s: float = 7200,
-                    models: Optional[Dict[str, nn.Module]] = None) -> Dict[str, Any]:
-    """:func:`run_seed` with a per-seed cache keyed by (config, seed, device, cache version), so seeds can run in
-    separate processes (``python -m causalir.experiments.faig_srresnet PROFILE SEED``); waits while another
-    process holds the lock. With ``models`` (a dict to fill) the seed is always recomputed (the cache holds no
-    weights). The result is always the JSON round trip of the cache file."""
-    from ..utils import atomic_write_json
+#: How often a process waiting for another's seed looks at the lock again, and how often it says it still waits.
+LOCK_POLL_S = 10.0
+LOCK_REPORT_S = 600.0
+#: A lock file that cannot be read (being written, or garbage) is taken as stale once it is older than this.
+LOCK_GRACE_S = 60.0
 
+
+def _proc_stat(pid: int) -> Optional[Tuple[str, str]]:
+    """(state, start time in clock ticks since boot) of a process from Linux's /proc; None elsewhere or if gone."""
+    try:
+        with open(f"/proc/{int(pid)}/stat") as fh:
+            fields_ = fh.read().rsplit(")", 1)[1].split()
+        return fields_[0], fields_[19]
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _lock_record() -> Dict[str, Any]:
+    """What a lock holds: the owner's PID, host, process start time (to tell a reused PID) and the time taken."""
+    import socket
+
+    st = _proc_stat(os.getpid())
+    return {"pid": os.getpid(), "host": socket.gethostname(), "start": st[1] if st else None, "time": time.time()}
+
+
+def _read_lock(lock) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
+    """(text, owner) of a lock file: text None when the lock is gone; owner None when it cannot be read (being
+    written, or not a lock). A lock of the old format (the PID alone) reads as {"pid": PID}."""
+    try:
+        text = lock.read_text()
+    except FileNotFoundError:
+        return None, None
+    except OSError:
+        return "", None
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return text, None
+    if isinstance(info, int) and not isinstance(info, bool):
+        info = {"pid": info}
+    if not isinstance(info, dict) or not isinstance(info.get("pid"), int) or isinstance(info.get("pid"), bool):
+        return text, None
+    return text, info
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (signal 0 probes it; a zombie counts as gone). On Windows, where
+    signal 0 is not a probe, the answer is always True (the lock is then waited on, bounded by ``wait_s``)."""
+    if pid <= 0:
+        return False
+    if os.name == "nt":
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: it exists, under another user
+        return True
+    st = _proc_stat(pid)
+    return not (st is not None and st[0] in ("Z", "X"))
+
+
+def _lock_holder(lock, info: Optional[Dict[str, Any]]) -> Tuple[str, str]:
+    """('alive' | 'gone' | 'unknown', who): whether the lock's owner still runs, and a description of it."""
+    import socket
+
+    if info is None:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except OSError:
+            age = 0.0
+        if age > LOCK_GRACE_S:
+            return "gone", f"an unreadable lock ({age:.0f}s old, no owner PID)"
+        return "unknown", f"an unreadable lock ({age:.0f}s old: being written?)"
+    pid, host = info["pid"], info.get("host")
+    who = f"PID {pid}" + (f" on host {host}" if host else "")
+    if info.get("time"):
+        who += f" (since {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(float(info['time'])))})"
+    if host and host != socket.gethostname():
+        return "unknown", who + " [another host: whether it still runs cannot be checked from here]"
+    if not _pid_alive(pid):
+        return "gone", who
+    st = _proc_stat(pid)
+    if info.get("start") is not None and st is not None and st[1] != info["start"]:
+        return "gone", who + " [that PID now belongs to another process]"
+    return "alive", who
+
+
+def _try_lock(lock) -> bool:
+    """Create the lock atomically (O_EXCL) with this process's record; False when it exists already."""
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as fh:
+        json.dump(_lock_record(), fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+def _break_lock(lock, seen: str) -> None:
+    """Remove a stale lock whose text was ``seen``: moved aside atomically (one breaker wins), and put back if it
+    turns out to be a fresh lock taken in between."""
+    aside = lock.with_name(f"{lock.name}.broken-{os.getpid()}")
+    try:
+        os.replace(lock, aside)
+    except FileNotFoundError:
+        return
+    try:
+        if aside.read_text() != seen and not lock.exists():
+            os.replace(aside, lock)
+    finally:
+        if aside.exists():
+            aside.unlink()
+
+
+def _release_lock(lock) -> None:
+    """Remove the lock if it is this process's."""
+    import socket
+
+    _, info = _read_lock(lock)
+    if info is not None and info.get("pid") == os.getpid() and info.get("host") in (None, socket.gethostname()):
+        lock.unlink(missing_ok=True)
+
+
+def cached_run_seed(cfg: FAIGConfig, seed: int, device: str, profile: str, *, wait_s: float = 7200,
+                    models: Optional[Dict[str, nn.Module]] = None,
+                    log: Callable[[str], None] = print) -> Dict[str, Any]:
+    """:func:`run_seed` with a per-seed cache keyed by (config, seed, device, cache version), so seeds can run in
+    separate processes (``python -m causalir.experiments.faig_srresnet PROFILE SEED``). With ``models`` (a dict to
+    fill) the seed is always recomputed (the cache holds no weights). The result is always the JSON round trip of
+    the cache file.
+
+    The seed is computed under a lock file next to the cache (created atomically) that records the owner's PID,
+    host and process start time. A lock whose owner is gone (dead PID on this host, a PID now used by another
+    process, or an unreadable lock older than ``LOCK_GRACE_S``) is broken with a message; a live one is waited on
+    with a message naming its owner (repeated every ``LOCK_REPORT_S``), for at most ``wait_s`` seconds, after which
+    a TimeoutError says who still holds it."""
+    from ..utils import atomic_write_json, check_number
+
+    check_number("cached_run_seed", "wait_s", wait_s, lo=0)
     path = _cache_path(cfg, seed, device, profile)
     lock = path.with_suffix(".lock")
-    if models is None:
-        t0 = time.perf_counter()
-        while lock.exists() and not path.exists() and time.perf_counter() - t0 < wait_s:
-            time.sleep(10)
-        if path.exists():
-            return json.loads(path.read_text())
+    if models is None and path.exists():
+        return json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
-    lock.write_text(str(os.getpid()))
+    t0, told = time.monotonic(), None
+    while not _try_lock(lock):
+        if models is None and path.exists():
+            return json.loads(path.read_text())
+        text, info = _read_lock(lock)
+        if text is None:
+            continue  # released in between: try again
+        state, who = _lock_holder(lock, info)
+        if state == "gone":
+            log(f"[{NAME} seed {seed}] breaking the stale lock {lock}: it was held by {who}, which is gone")
+            _break_lock(lock, text)
+            continue
+        waited = time.monotonic() - t0
+        if waited >= wait_s:
+            raise TimeoutError(f"{NAME} seed {seed}: the lock {lock} is still held by {who} after {waited:.1f}s "
+                               f"(wait_s={wait_s:g}); if that process no longer computes this seed, delete the lock")
+        if told is None or waited - told >= LOCK_REPORT_S:
+            log(f"[{NAME} seed {seed}] waiting for {who}, which holds {lock} and is computing this seed "
+                f"(at most {wait_s - waited:.1f}s more)")
+            told = waited
+        time.sleep(min(LOCK_POLL_S, max(wait_s - waited, 0.0)))
     try:
+        if models is None and path.exists():  # finished by the previous holder
+            return json.loads(path.read_text())
         res = run_seed(cfg, seed, device, models=models)
         atomic_write_json(path, res)
         return json.loads(path.read_text())
     finally:
-        lock.unlink(missing_ok=True)
+        _release_lock(lock)
 
 
 # -------------------------------------------------------------------------------------------- experiment

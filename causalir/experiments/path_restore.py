@@ -20,7 +20,7 @@ from .. import data
 from ..pathrestore import (BASELINES, REGION, STRIDE, FixedPaths, MultiPathConfig, RegionResult, TrainRecipe,
                            evaluate_regions, extract_regions, flop_table, matched_dncnn_depth, measured_flops,
                            pathfinder_share, per_sample_mse, tasks, train_task)
-from ..utils import resolve_device
+from ..utils import check_choice, check_number, resolve_device
 from . import claims as C
 from .profiles import select
 from .record import Experiment, envelope
@@ -53,13 +53,31 @@ class Profile:
     baseline: str = "resnet"
 
     def __post_init__(self) -> None:
-        if self.baseline not in BASELINES:
-            raise ValueError(f"baseline: expected one of {', '.join(BASELINES)}, got {self.baseline!r}")
+        o = "Profile"
+        if not isinstance(self.net, MultiPathConfig):
+            raise TypeError(f"{o}.net: expected a MultiPathConfig, got {self.net!r}")
+        if not isinstance(self.recipe, TrainRecipe):
+            raise TypeError(f"{o}.recipe: expected a TrainRecipe, got {self.recipe!r}")
+        check_choice(o, "baseline", self.baseline, BASELINES)
+        if isinstance(self.tasks, str) or not self.tasks:
+            raise ValueError(f"{o}.tasks: expected a non-empty sequence of task names (denoise, mixed), got "
+                             f"{self.tasks!r}")
+        for i, t in enumerate(self.tasks):
+            check_choice(o, f"tasks[{i}]", t, ("denoise", "mixed"))
+        if not isinstance(self.p_grid, Mapping):
+            raise TypeError(f"{o}.p_grid: expected a {{task: penalties}} dict, got {self.p_grid!r}")
         missing = [t for t in self.tasks if t not in self.p_grid]
         if missing:
             raise ValueError(f"p_grid: no penalties for task(s) {', '.join(missing)} (has {', '.join(self.p_grid)})")
-        if self.dncnn_steps < 0 or self.eval_side < 16 or self.tol_db < 0 or self.threads < 0:
-            raise ValueError("dncnn_steps >= 0, eval_side >= 16, tol_db >= 0 and threads >= 0 are required")
+        for t, ps in self.p_grid.items():
+            if isinstance(ps, (str, bytes)) or not isinstance(ps, Sequence) or not ps:
+                raise ValueError(f"{o}.p_grid[{t!r}]: expected a non-empty sequence of penalties p >= 0, got {ps!r}")
+            for i, p in enumerate(ps):
+                check_number(o, f"p_grid[{t!r}][{i}]", p, lo=0)
+        check_number(o, "dncnn_steps", self.dncnn_steps, lo=0, integer=True)
+        check_number(o, "eval_side", self.eval_side, lo=16, integer=True)
+        check_number(o, "tol_db", self.tol_db, lo=0)
+        check_number(o, "threads", self.threads, lo=0, integer=True)     # 0 = leave torch's setting
         object.__setattr__(self, "tasks", tuple(self.tasks))
 
 

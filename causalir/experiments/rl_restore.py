@@ -26,7 +26,7 @@ from ..rl import (AgentConfig, DQNConfig, ToolAgent, agent_macs, best_single_too
                   joint_finetune, oracle_chains, random_chains, restore_image, tool_shares, train_dqn)
 from ..toolchain import (ACTION_NAMES, PATCH, SEVERITIES, MixedDistortion, Toolbox, ToolboxConfig, ToolTrainConfig,
                          fit_paired, make_patches, paired_set, patch_psnr, quantize, train_toolbox)
-from ..utils import make_generator, resolve_device
+from ..utils import check_number, make_generator, resolve_device
 from . import claims as C
 from .profiles import select
 from .record import Experiment, envelope
@@ -68,14 +68,18 @@ class RLProfile:
     seeds: int = 1
 
     def __post_init__(self) -> None:
-        if min(self.n_train, self.n_val, self.n_test) < 1:
-            raise ValueError(f"n_train, n_val and n_test must be >= 1, got {self.n_train}, {self.n_val}, "
-                             f"{self.n_test}")
-        if self.oracle_beam is not None and self.oracle_beam < 1:
-            raise ValueError(f"oracle_beam: expected None (exhaustive) or >= 1, got {self.oracle_beam}")
-        if self.joint_steps < 0 or self.image_side < PATCH:
-            raise ValueError(f"joint_steps >= 0 and image_side >= {PATCH} are required, got {self.joint_steps}, "
-                             f"{self.image_side}")
+        o = "RLProfile"
+        for k, cls in (("tools", ToolboxConfig), ("tool_train", ToolTrainConfig), ("agent", AgentConfig),
+                       ("dqn", DQNConfig), ("dncnn_train", ToolTrainConfig)):
+            if not isinstance(getattr(self, k), cls):
+                raise TypeError(f"{o}.{k}: expected a {cls.__name__}, got {getattr(self, k)!r}")
+        if not isinstance(self.dncnn, Mapping):
+            raise TypeError(f"{o}.dncnn: expected a dict of DnCNN options (nf, depth), got {self.dncnn!r}")
+        for k in ("n_train", "n_val", "n_test", "joint_batch", "seeds"):
+            check_number(o, k, getattr(self, k), lo=1, integer=True)
+        check_number(o, "oracle_beam", self.oracle_beam, lo=1, integer=True, allow_none=True)  # None = exhaustive
+        check_number(o, "joint_steps", self.joint_steps, lo=0, integer=True)
+        check_number(o, "image_side", self.image_side, lo=PATCH, integer=True)   # at least one agent patch
 
 
 PROFILES: Dict[str, RLProfile] = {
