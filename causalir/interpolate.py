@@ -19,6 +19,7 @@ import copy
 import math
 from typing import Any, Dict, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 from torch.func import functional_call
@@ -171,9 +172,15 @@ def dni_sweep(model_a: nn.Module, model_b: nn.Module, alphas: Sequence[float], i
 
     from . import distortions, evaluate
 
-    for arg, seq in (("alphas", alphas), ("sigmas", sigmas)):
+    def as_list(arg: str, seq: Any) -> list:
+        if isinstance(seq, (np.ndarray, torch.Tensor)) and seq.ndim == 1:
+            seq = seq.tolist()  # a 1-D array (e.g. np.linspace) is a sequence of numbers
         if isinstance(seq, (str, bytes)) or not isinstance(seq, (list, tuple)) or not seq:
-            raise ValueError(f"dni_sweep: {arg}: expected a non-empty sequence of numbers, got {seq!r}")
+            raise ValueError(f"dni_sweep: {arg}: expected a non-empty 1-D sequence of numbers, got {seq!r}")
+        return list(seq)
+
+    alphas, sigmas = as_list("alphas", alphas), as_list("sigmas", sigmas)
+    for arg, seq in (("alphas", alphas), ("sigmas", sigmas)):
         for j, v in enumerate(seq):
             check_number("dni_sweep", f"{arg}[{j}]", v, lo=0, hi=1 if arg == "alphas" else None)
     for arg, keys in (("alphas", [f"{a:.4f}" for a in alphas]), ("sigmas", [f"{s:g}" for s in sigmas])):

@@ -135,3 +135,17 @@ def test_dni_experiment_runs_tiny_with_a_per_image_table(tmp_path):
     assert abs(sum(ded) / len(ded) - rec["tables"]["per_seed"][0]["dedicated"]["30"]) < 1e-3
     assert set(rec["models"]) == {"parent seed 0", "child seed 0", "independent seed 0", "ref σ=30 seed 0"}
     assert all(c["over"] == "images" and c["n"] == 3 and c["checks"] for c in rec["claims"])
+
+
+def test_dni_sweep_takes_arrays_like_lists():
+    import numpy as np
+
+    torch.manual_seed(0)
+    a, b = models.build("dncnn", preset="tiny"), models.build("dncnn", preset="tiny")
+    imgs = [torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(1))]
+    kw = dict(seed=0, device="cpu")
+    lst = dni.dni_sweep(a, b, [0.0, 0.5, 1.0], imgs, [10.0, 30.0], **kw)
+    arr = dni.dni_sweep(a, b, np.linspace(0, 1, 3), imgs, np.array([10.0, 30.0]), **kw)
+    assert lst.equals(arr)
+    with pytest.raises(ValueError, match="1-D sequence"):
+        dni.dni_sweep(a, b, np.zeros((2, 2)), imgs, [10.0], **kw)
