@@ -11,7 +11,7 @@ NOTEBOOKS  ?= $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.causalir-installed
 
-.PHONY: setup reproduce test unit nbval notebooks lab bench clean strip
+.PHONY: setup reproduce test unit nbval notebooks lab bench clean strip browser book
 
 setup: $(STAMP)
 
@@ -19,7 +19,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[notebooks,test]"
+	$(PY) -m pip install -q -e ".[notebooks,test,browser,book]"
 	$(PY) -m ipykernel install --sys-prefix --name causalir --display-name "Python (causalir)" >/dev/null
 	touch $(STAMP)
 
@@ -33,6 +33,22 @@ test: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n $(JOBS) --durations=15 tests; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
 	$(PY) -m causalir.cli reproduce --notebooks --jobs $(JOBS) --profile quick --seed $(SEED) --device cpu --no-claims
 	$(PY) -m pytest -q tests_notebooks; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+	$(MAKE) --no-print-directory browser
+	$(MAKE) --no-print-directory book
+
+# The widgets live in a real browser: JupyterLab + Playwright + the system Chromium (/usr/bin/chromium, Debian's
+# `chromium`); runs notebooks 00 07 09 (BROWSER_NOTEBOOKS), screenshots to artifacts/browser/. Skips without
+# Chromium, except under CI=true.
+BROWSER_NOTEBOOKS ?= 00 07 09
+browser: $(STAMP)
+	CAUSALIR_BROWSER_NOTEBOOKS="$(BROWSER_NOTEBOOKS)" $(PY) -m pytest -q -rs --durations=5 tests_browser; rc=$$?; test $$rc -eq 0 -o $$rc -eq 5
+
+# A static HTML book of the executed notebooks in artifacts/notebooks/ (never executed here) and the claims table,
+# to artifacts/book/ (open artifacts/book/index.html). Fails on a missing or error cell, or a broken reference.
+book: $(STAMP)
+	$(PY) docs/stage.py --notebooks artifacts/notebooks --out artifacts/book-src
+	$(PY) -m sphinx -W --keep-going -n -E -q -b html -c docs -d artifacts/book-doctrees artifacts/book-src artifacts/book
+	@echo "book: artifacts/book/index.html"
 
 # The notebooks cell by cell as smoke tests (nbval-lax; executes them again: not part of `make test`).
 nbval: $(STAMP)
