@@ -3,7 +3,7 @@
 Each strategy runs ``--steps`` steps of the one training loop on the same model and batch shape; throughput
 counts *distorted images* (distorted batches x batch size), so ERM and DIL are compared per unit of the budget
 the experiments equalise. The overhead column is ERM's images/s divided by the strategy's (1.0 = no overhead).
-On CUDA, each strategy is also timed with bf16 autocast and with channels_last.
+On CUDA, each strategy is also timed with bf16 autocast (TrainConfig.precision) and with channels_last.
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ def bench(name: str, device: str, *, bf16: bool = False, channels_last: bool = F
     imgs = [torch.rand(3, 96, 96, generator=torch.Generator().manual_seed(i)) for i in range(4)]
     per = dil.batches_per_step(name, len(seen), None if name == "erm" else k)
     n = max(2, steps // per * 2) if name != "erm" else steps * 2
-    warm = train.TrainConfig(steps=1, batch_size=batch, patch_size=patch, device=device, bf16=bf16,
+    warm = train.TrainConfig(steps=1, batch_size=batch, patch_size=patch, device=device, precision="bf16" if bf16 else "fp32",
                              channels_last=channels_last, progress=False)
     train.fit(net, train.build_strategy(name, **kw), imgs, seen, warm)
-    cfg = train.TrainConfig(steps=n, batch_size=batch, patch_size=patch, device=device, bf16=bf16,
+    cfg = train.TrainConfig(steps=n, batch_size=batch, patch_size=patch, device=device, precision="bf16" if bf16 else "fp32",
                             channels_last=channels_last, progress=False)
     if device == "cuda":
         torch.cuda.synchronize()

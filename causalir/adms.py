@@ -33,7 +33,7 @@ from torch.func import functional_call, vmap
 
 from . import distortions as dz
 from .distortions import Distortion
-from .train import STRATEGIES, Strategy, StepContext, TrainConfig, make_optimizer, make_scheduler
+from .train import STRATEGIES, Strategy, StepContext, TrainConfig, at_least_fp32, make_optimizer, make_scheduler
 from .utils import check_choice, check_number
 
 Masks = Dict[str, torch.Tensor]
@@ -381,8 +381,10 @@ class ADMSStrategy(Strategy):
         clean = ctx.sample_clean()
         ctx.counters.distorted_batches += 1
         x, idx = dz.apply_random(ctx.distortions, clean, ctx.generator)
-        x = x.clamp(0, 1)
-        logits = model.classifier(x)
+        x = ctx.prepare(x.clamp(0, 1))
+        with ctx.autocast():
+            logits = model.classifier(x)
+        logits = at_least_fp32(logits)  # the losses in fp32 (bf16 autocast outputs promoted)
         ce = F.cross_entropy(logits, idx)
         stats = {"ce": float(ce.detach())}
         if self._step < self.warmup_steps:
@@ -395,7 +397,9 @@ class ADMSStrategy(Strategy):
                 c = F.one_hot(p.argmax(1), len(model.labels)).to(p.dtype) + p - p.detach()  # straight-through
             else:
                 c = logits.softmax(1)
-            rec = ctx.loss_fn(model(x, c), clean)
+            with ctx.autocast():
+                out = model(x, c)
+            rec = ctx.loss_fn(at_least_fp32(out), clean)
             loss = rec + self.ce_weight * ce
             stats["rec"] = float(rec.detach())
         warm = self._step < self.warmup_steps  # classifier-only steps backpropagate no restoration

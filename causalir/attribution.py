@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .distortions import Distortion, GaussianBlur, check_size
-from .train import STRATEGIES, StepContext, Strategy, TrainConfig, make_optimizer, make_scheduler
+from .train import STRATEGIES, StepContext, Strategy, TrainConfig, at_least_fp32, make_optimizer, make_scheduler
 from .utils import check_choice, check_images, check_number
 
 Scores = Dict[str, torch.Tensor]
@@ -926,7 +926,7 @@ class SRStrategy(Strategy):
         lr = ctx.prepare(degrade(hr, blur, noise, g))
         with ctx.autocast():
             out = ctx.model(lr)
-        loss = ctx.loss_fn(out.to(torch.promote_types(out.dtype, torch.float32)), hr)  # bf16 -> fp32
+        loss = ctx.loss_fn(at_least_fp32(out), hr)  # bf16 -> fp32
         self.update(ctx, loss, n)
         if self.masks is not None:  # after the update: only the selected kernels may have moved
             with torch.no_grad():

@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .distortions import Distortion
-from .train import STRATEGIES, StepContext, Strategy, TrainConfig, make_optimizer, make_scheduler
+from .train import STRATEGIES, StepContext, Strategy, TrainConfig, at_least_fp32, make_optimizer, make_scheduler
 from .utils import check_choice, check_images, check_number, make_generator
 
 __all__ = ["BackdoorERM", "ConfoundedERM", "STRATA_NAMES", "apply_strata", "brightness", "brightness_threshold",
@@ -177,7 +177,7 @@ class ConfoundedERM(_StrataStrategy):
         noisy = ctx.prepare(apply_strata(clean, ctx.distortions, idx, ctx.generator))
         with ctx.autocast():
             out = ctx.model(noisy)
-        stats = self._update(ctx, ctx.loss_fn(out.float(), clean), clean.shape[0])
+        stats = self._update(ctx, ctx.loss_fn(at_least_fp32(out), clean), clean.shape[0])
         return {**stats, "heavy_share": float((idx == 0).float().mean())}
 
 
@@ -209,13 +209,14 @@ class BackdoorERM(_StrataStrategy):
             noisy = ctx.prepare(apply_strata(clean, ctx.distortions, idx, ctx.generator))
             with ctx.autocast():
                 out = ctx.model(noisy)
-            stats = self._update(ctx, ctx.loss_fn(out.float(), clean), clean.shape[0])
+            stats = self._update(ctx, ctx.loss_fn(at_least_fp32(out), clean), clean.shape[0])
             return {**stats, "heavy_share": float((idx == 0).float().mean())}
         m = max(clean.shape[0] // k, 1)
         base = clean[:m]
         noisy = ctx.prepare(torch.cat([d(base, ctx.generator) for d in ctx.distortions]))
         with ctx.autocast():
-            out = ctx.model(noisy).float()
+            out = ctx.model(noisy)
+        out = at_least_fp32(out)  # the losses in fp32 (bf16 autocast outputs promoted)
         target = base.repeat(k, 1, 1, 1)
         losses = torch.stack([ctx.loss_fn(o, t) for o, t in zip(out.split(m), target.split(m))])
         loss = (losses * losses.new_tensor(self.probs)).sum()

@@ -79,8 +79,9 @@ def cmd_train(a: argparse.Namespace) -> int:
     from .utils import seed_everything
 
     cfg = train.TrainConfig(steps=a.steps, batch_size=a.batch_size, patch_size=a.patch_size, lr=a.lr, seed=a.seed,
-                            device=a.device, bf16=a.bf16, channels_last=a.channels_last, val_every=a.val_every,
-                            ckpt_every=a.ckpt_every)
+                            device=a.device, precision=a.precision, channels_last=a.channels_last,
+                            val_every=a.val_every, ckpt_every=a.ckpt_every)
+    train.check_precision(cfg.precision, cfg.device)  # bf16 on a machine without bf16 kernels: refused here
     train.check_run_dir(a.run_dir)  # a read-only or foreign folder fails here, before anything is loaded or trained
     dset = distortions.distortion_set(a.distortion_set)
     strategy = train.build_strategy(a.strategy, **_kv(a.strategy_cfg, "--strategy-cfg"))
@@ -238,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=2e-4)
     t.add_argument("--seed", type=_int_at_least(0), default=0, help="seeds the model's initial weights and every draw of the run")
     t.add_argument("--device", default="auto")
-    t.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
-    t.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    t.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="fp32, or bf16 autocast (CPU with oneDNN bf16 kernels, or CUDA); losses stay in fp32")
+    t.add_argument("--channels-last", action="store_true", help="channels_last (NHWC) memory format (CPU and CUDA)")
     t.add_argument("--val-every", type=_int_at_least(0), default=250)
     t.add_argument("--ckpt-every", type=_int_at_least(0), default=500)
     t.add_argument("--run-dir", required=True, type=Path, help="checkpoints go here; an existing run is resumed")

@@ -34,7 +34,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
-from .train import STRATEGIES, StepContext, Strategy, TrainConfig, make_optimizer, make_scheduler
+from .train import STRATEGIES, StepContext, Strategy, TrainConfig, at_least_fp32, make_optimizer, make_scheduler
 from .utils import check_choice, check_number
 
 Params = Dict[str, torch.Tensor]
@@ -143,9 +143,8 @@ def _loss_fn(model: nn.Module, buffers: Params, loss_fn, autocast):
     return loss_at
 
 
-def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 autocast outputs -> fp32 for the loss; fp32/fp64 unchanged (gradient checks run in fp64)."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+#: bf16/fp16 autocast outputs -> fp32 for the loss; fp32/fp64 unchanged (gradient checks run in fp64).
+_at_least_fp32 = at_least_fp32
 
 
 def meta_gradient(model: nn.Module, tasks: Tasks, alpha: float, *, serial: bool, second_order: bool,

@@ -56,8 +56,8 @@ class TrainConfig:
     ckpt_every: int = 0
     seed: int = 0
     device: str = "auto"
-    bf16: bool = False              # autocast to bfloat16 (CUDA only; ignored elsewhere)
-    channels_last: bool = False     # NHWC memory format (CUDA only)
+    precision: str = "fp32"         # fp32 | bf16 (autocast to bfloat16 on CPU or CUDA, losses in fp32)
+    channels_last: bool = False     # NHWC memory format for the model and its inputs (CPU and CUDA)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -93,12 +93,15 @@ class TrainConfig:
             except (RuntimeError, ValueError):
                 raise ValueError(f"{o}.device: expected 'auto' or a device such as 'cpu', 'cuda' or 'cuda:1', "
                                  f"got {self.device!r}") from None
-        for name in ("bf16", "channels_last", "progress"):
+        check_choice(o, "precision", self.precision, PRECISIONS)
+        for name in ("channels_last", "progress"):
             if not isinstance(getattr(self, name), (bool, np.bool_)):
                 raise TypeError(f"{o}.{name}: expected True or False, got {getattr(self, name)!r}")
 
 
 SCHEDULES = ("cosine", "step", "constant")
+#: ``TrainConfig.precision``: fp32 (no autocast; the default, bit-deterministic) or bf16 autocast.
+PRECISIONS = ("fp32", "bf16")
 LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss}
 
 
@@ -136,7 +139,104 @@ class StepContext:
         return distortion(clean, self.generator)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
-        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last and x.is_cuda else x
+        """A model input in the run's memory format: NHWC with ``cfg.channels_last`` (4-D batches), else as is."""
+        return x.contiguous(memory_format=torch.channels_last) if self.cfg.channels_last and x.dim() == 4 else x
+
+
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """A model output for the loss: bf16/fp16 (autocast) -> fp32; fp32 and fp64 unchanged (the same tensor)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """Every 4-D parameter and buffer of ``model`` in NHWC (channels_last) memory format, in place (the same
+    Parameter objects); others (e.g. ADMS's 5-D per-degradation kernels, which ``Module.to(memory_format=...)``
+    refuses) are left as they are."""
+    with torch.no_grad():
+        for m in model.modules():
+            for store in (m._parameters, m._buffers):
+                for t in store.values():
+                    if t is not None and t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+                        t.data = t.data.contiguous(memory_format=torch.channels_last)
+    return model
+
+
+# ----------------------------------------------------------------------------------------- precision
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def precision_support(device: str | torch.device = "cpu") -> Dict[str, Any]:
+    """Whether bf16 autocast can run on ``device`` with bfloat16 kernels: ``{"device", "bf16", "native", "machine",
+    "detail"}``.
+
+    CPU: ``bf16`` is oneDNN's own gate, ``torch.ops.mkldnn._is_mkldnn_bf16_supported()`` (x86 with AVX-512
+    BW/VL/DQ or newer, or an ARM CPU with the BF16 extension), with oneDNN available. It is what PyTorch itself
+    checks before it routes a bf16 convolution or matmul to oneDNN; without it autocast falls back to reference
+    kernels many times slower than fp32 (12-14x per DnCNN/RRDB step on an AVX2-only CPU, data/results/bench-cpu.md).
+    ``torch.backends.cpu.get_cpu_capability()`` is not enough: it names ATen's vector ISA and says "AVX512" also
+    on CPUs with no bf16 instructions.
+    ``native`` adds whether the CPU has bf16 arithmetic (AVX512_BF16 or AMX), where bf16 beats fp32.
+    CUDA: ``torch.cuda.is_bf16_supported()`` without emulation (compute capability 8.0+)."""
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    if dev.type == "cuda":
+        try:
+            ok = bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # an older signature
+            ok = bool(torch.cuda.is_bf16_supported())
+        name = torch.cuda.get_device_name(dev)
+        cc = ".".join(map(str, torch.cuda.get_device_capability(dev)))
+        return {"device": str(dev), "bf16": ok, "native": ok, "machine": name,
+                "detail": f"{name}, compute capability {cc}" + ("" if ok else " (bf16 needs 8.0 or newer)")}
+    if dev.type == "cpu":
+        import platform
+
+        onednn = bool(torch.backends.mkldnn.is_available())
+        ok = onednn and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        arm = platform.machine().lower() in ("aarch64", "arm64")  # there oneDNN's gate is the BF16 extension itself
+        avx512 = bool(getattr(torch.cpu, "_is_avx512_supported", lambda: False)())
+        native = ok and (arm or bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+                         or bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()))
+        parts = [f"CPU capability {torch.backends.cpu.get_cpu_capability()}"]
+        if not onednn:
+            parts.append("PyTorch built without oneDNN, so no oneDNN bf16 kernels")
+        elif not ok:
+            parts.append("no BF16 extension, so no oneDNN bf16 kernels" if arm else
+                         ("no AVX-512" if not avx512 else "AVX-512 without BW/VL/DQ")
+                         + ", so no oneDNN bf16 kernels (they need AVX-512 BW/VL/DQ, AVX512_BF16 or AMX)")
+        else:
+            parts.append("oneDNN bf16 kernels, " + ("native bf16 arithmetic" if native else
+                         "no native bf16 arithmetic (AVX512_BF16/AMX): bf16 may be no faster than fp32"))
+        return {"device": "cpu", "bf16": ok, "native": native, "machine": _cpu_name(), "detail": ", ".join(parts)}
+    return {"device": str(dev), "bf16": False, "native": False, "machine": dev.type,
+            "detail": f"bf16 autocast is supported on CPU and CUDA here, not on {dev.type!r}"}
+
+
+def check_precision(precision: str, device: str | torch.device = "cpu", *, fallback: bool = False) -> str:
+    """The precision a run on ``device`` uses: ``precision`` itself when the device supports it; otherwise a
+    ValueError naming ``TrainConfig.precision`` and what the machine lacks, or, with ``fallback=True`` (asked
+    for explicitly), "fp32" with a warning."""
+    check_choice("TrainConfig", "precision", precision, PRECISIONS)
+    if precision == "fp32":
+        return precision
+    sup = precision_support(device)
+    if sup["bf16"]:
+        return precision
+    msg = (f"TrainConfig.precision: 'bf16' needs bfloat16 kernels on the training device, which this machine lacks: "
+           f"{sup['machine']}: {sup['detail']}")
+    if fallback:
+        warnings.warn(msg + "; falling back to 'fp32' as asked", RuntimeWarning, stacklevel=2)
+        return "fp32"
+    raise ValueError(msg + "; use precision='fp32' (CLI --precision fp32)")
 
 
 def make_optimizer(params, cfg: TrainConfig, lr: Optional[float] = None, betas: Optional[tuple] = None):
@@ -240,7 +340,7 @@ class ERM(Strategy):
         noisy = ctx.prepare(ctx.distort(clean))
         with ctx.autocast():
             out = ctx.model(noisy)
-        loss = ctx.loss_fn(out.to(torch.promote_types(out.dtype, torch.float32)), clean)  # bf16 -> fp32, keep fp64
+        loss = ctx.loss_fn(at_least_fp32(out), clean)  # bf16 -> fp32, keep fp64
         self.update(ctx, loss, clean.shape[0])
         return {"loss": float(loss.detach()), "lr": self.sched.get_last_lr()[0]}
 
@@ -276,7 +376,7 @@ class PairedMSE(Strategy):
         y = ctx.prepare(y)
         with ctx.autocast():
             out = ctx.model(y)
-        loss = ctx.loss_fn(out.to(torch.promote_types(out.dtype, torch.float32)), x)
+        loss = ctx.loss_fn(at_least_fp32(out), x)
         self.update(ctx, loss, len(idx))
         return {"loss": float(loss.detach())}
 
@@ -341,9 +441,10 @@ def validate(model: nn.Module, val_images: Sequence[torch.Tensor], val_distortio
     return out
 
 
-def _autocast_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
-    if cfg.bf16 and device.type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+def autocast_factory(cfg: TrainConfig, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """``ctx.autocast``: bf16 autocast on the training device (CPU or CUDA) with precision='bf16', else a no-op."""
+    if cfg.precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
 
@@ -421,6 +522,7 @@ def fit(model: nn.Module, strategy: Strategy, train_images: Sequence[torch.Tenso
     _check_fit_inputs(model, strategy, train_images, distortions, cfg, val_images, val_distortions, resume,
                       allow_changed, callback)
     device = resolve_device(cfg.device)
+    check_precision(cfg.precision, device)  # bf16 on a machine without bf16 kernels: refused before anything runs
     run_path = None if run_dir is None else check_run_dir(run_dir)
     with _GlobalRNG(cfg.seed, device) as global_rng:
         return _fit(model, strategy, train_images, distortions, cfg, val_images, val_distortions, run_path, resume,
@@ -430,8 +532,8 @@ def fit(model: nn.Module, strategy: Strategy, train_images: Sequence[torch.Tenso
 def _fit(model, strategy, train_images, distortions, cfg, val_images, val_distortions, run_path, resume,
          allow_changed, callback, device, global_rng) -> TrainResult:
     model.to(device)
-    if cfg.channels_last and device.type == "cuda":
-        model.to(memory_format=torch.channels_last)
+    if cfg.channels_last:
+        to_channels_last(model)
     model.train()
     sampler = train_images if isinstance(train_images, PatchSampler) or train_images is None else PatchSampler(
         train_images, cfg.patch_size, cfg.batch_size, device)
@@ -450,7 +552,7 @@ def _fit(model, strategy, train_images, distortions, cfg, val_images, val_distor
                                   "another run_dir (nothing is overwritten silently)")
         if units:
             unit, saved = _newest_good_unit(run_path, units)
-            _check_resumable(run_path, saved, record, fingerprint, cfg, allow_changed)
+            _check_resumable(run_path, saved, record, fingerprint, cfg, allow_changed, device)
             _load_checkpoint(unit, saved, model, strategy, gen, global_rng, counters, device)
             history = saved.get("history", [])
         elif legacy:
@@ -464,7 +566,7 @@ def _fit(model, strategy, train_images, distortions, cfg, val_images, val_distor
         return sampler.sample(gen)
 
     ctx = StepContext(model, sample_clean, tuple(distortions), gen, LOSSES[cfg.loss],
-                      _autocast_factory(cfg, device), counters, cfg)
+                      autocast_factory(cfg, device), counters, cfg)
     t0 = time.perf_counter()
     elapsed0 = history[-1]["wall_time"] if history else 0.0
     bar = tqdm(total=cfg.steps, initial=counters.steps, disable=not cfg.progress, desc=strategy.name, leave=False)
@@ -735,8 +837,24 @@ def find_checkpoint(run_dir: PathLike, legacy: bool = False) -> Tuple[Path, dict
     raise FileNotFoundError(f"{run} is not a training run (no checkpoint); train one with `causalir train`")
 
 
+def _upgrade_record(rec: dict, device: torch.device) -> dict:
+    """A run.json config written before ``TrainConfig.precision`` (a ``bf16`` flag, CUDA only, and channels_last
+    CUDA only) as the settings that actually ran on ``device``: bf16/channels_last on CUDA, fp32 and the default
+    memory format elsewhere (the flags were ignored there). A record that has ``precision`` is returned as is."""
+    tr = rec.get("train") if isinstance(rec, dict) else None
+    if not isinstance(tr, dict) or "precision" in tr or "bf16" not in tr:
+        return rec
+    tr = dict(tr)
+    bf16 = tr.pop("bf16")
+    cuda = device.type == "cuda"
+    tr["precision"] = "bf16" if bf16 is True and cuda else "fp32"
+    tr["channels_last"] = bool(tr.get("channels_last")) and cuda
+    return {**rec, "train": tr}
+
+
 def _check_resumable(run: Path, saved: dict, record: dict, fingerprint: Optional[str], cfg: TrainConfig,
-                     allow_changed: Collection[str]) -> None:
+                     allow_changed: Collection[str], device: torch.device) -> None:
+    saved = {**saved, "config": _upgrade_record(saved["config"], device)}
     if _comparable(saved["config"]) != _comparable(record):
         raise ValueError(f"{run} holds a run with a different configuration ({_diff(_comparable(saved['config']), _comparable(record))}); "
                          "choose another run_dir")

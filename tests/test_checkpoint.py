@@ -404,7 +404,7 @@ BAD = {
     "ckpt_every": [-1, 0.5],
     "seed": [-1, 1.5, 2**63, "0", None],
     "device": ["foo", "cuda:x", 3, None, ""],
-    "bf16": [1, "yes", None],
+    "precision": ["fp16", "BF16", None, True],
     "channels_last": [0, "no"],
     "progress": [1, "true"],
 }

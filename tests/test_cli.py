@@ -295,3 +295,34 @@ def test_train_config_errors_are_one_line_before_training(argv, msg, tmp_path, m
     _no_training(monkeypatch)
     assert cli.main(TRAIN + ["--run-dir", str(tmp_path / "r"), *argv]) == 2
     assert msg in _one_line_error(capsys, "train")
+
+
+# ------------------------------------------------------------------------------ issue 17: --precision
+def test_precision_flag_takes_fp32_or_bf16(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--run-dir", "r", "--precision", "fp16"])
+    assert e.value.code == 2 and "argument --precision: invalid choice: 'fp16'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--run-dir", "r", "--bf16"])  # the older flag is gone
+    assert "unrecognized arguments: --bf16" in capsys.readouterr().err
+
+
+def test_bf16_without_bf16_kernels_is_a_one_line_error_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(train, "precision_support", lambda device="cpu": {
+        "device": "cpu", "bf16": False, "native": False, "machine": "Some CPU", "detail": "CPU capability AVX2"})
+    _no_training(monkeypatch)
+    assert cli.main(TRAIN + ["--run-dir", str(tmp_path / "r"), "--precision", "bf16"]) == 2
+    line = _one_line_error(capsys, "train")
+    assert "TrainConfig.precision: 'bf16' needs bfloat16 kernels" in line and "Some CPU" in line
+    assert "--precision fp32" in line and not (tmp_path / "r").exists()
+
+
+def test_train_bf16_channels_last_on_cpu_records_its_precision(tmp_path, monkeypatch, capsys):
+    if not train.precision_support("cpu")["bf16"]:  # reference bf16 kernels: same numbers, slower
+        monkeypatch.setattr(train, "precision_support", lambda device="cpu": {
+            "device": "cpu", "bf16": True, "native": False, "machine": "test", "detail": "forced by the test"})
+    run = tmp_path / "run"
+    assert cli.main(TRAIN + ["--run-dir", str(run), "--precision", "bf16", "--channels-last"]) == 0
+    rec = train.find_checkpoint(run)[1]
+    assert rec["config"]["train"]["precision"] == "bf16" and rec["config"]["train"]["channels_last"] is True
+    assert rec["step"] == 3

@@ -96,7 +96,7 @@ def test_lr_schedules():
 @pytest.mark.gpu
 def test_cuda_bf16_channels_last():
     res = train.fit(_model(), train.build_strategy("erm"), IMGS, SEEN,
-                    _cfg(device="cuda", bf16=True, channels_last=True))
+                    _cfg(device="cuda", precision="bf16", channels_last=True))
     assert next(res.model.parameters()).is_cuda
 
 

@@ -38,24 +38,31 @@ class Experiment:
             object.__setattr__(self, "load_models", load_registry_models)
 
 
-def provenance(device: str) -> Dict[str, Any]:
-    """Versions, platform and device of this process."""
+def provenance(device: str, precision: str = "fp32") -> Dict[str, Any]:
+    """Versions, platform and device of this process, and the ``precision`` the experiment trained with
+    (``TrainConfig.precision``: "fp32" or "bf16")."""
+    from ..train import PRECISIONS
+    from ..utils import check_choice
+
+    check_choice("provenance", "precision", precision, PRECISIONS)
     dev = resolve_device(device)
     info: Dict[str, Any] = {"torch": torch.__version__, "python": platform.python_version(),
                             "platform": platform.platform(), "device": str(dev),
-                            "threads": torch.get_num_threads()}
+                            "threads": torch.get_num_threads(), "precision": precision}
     if dev.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(dev)
     return info
 
 
 def envelope(name: str, profile: str, *, config: Dict[str, Any], tables: Dict[str, Any], claims: List[Any],
-             device: str, started: float, models: Optional[Dict[str, Any]] = None, **extra: Any) -> Dict[str, Any]:
+             device: str, started: float, models: Optional[Dict[str, Any]] = None, precision: str = "fp32",
+             **extra: Any) -> Dict[str, Any]:
     """The record every experiment returns: ``experiment``, ``profile``, ``config``, ``tables``, ``claims``,
-    any ``extra`` top-level entries (curves, timings...), ``provenance`` and ``wall_time_s`` (since
-    ``started``, a ``time.perf_counter()`` value); ``models`` only when the caller asked to keep them."""
+    any ``extra`` top-level entries (curves, timings...), ``provenance`` (with the ``precision`` the experiment
+    trained with: pass what its ``TrainConfig.precision`` was) and ``wall_time_s`` (since ``started``, a
+    ``time.perf_counter()`` value); ``models`` only when the caller asked to keep them."""
     rec: Dict[str, Any] = {"experiment": name, "profile": profile, "config": config, "tables": tables,
-                           **extra, "claims": as_rows(claims), "provenance": provenance(device),
+                           **extra, "claims": as_rows(claims), "provenance": provenance(device, precision),
                            "wall_time_s": round(time.perf_counter() - started, 2)}
     if models is not None:
         rec["models"] = models
