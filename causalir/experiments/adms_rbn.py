@@ -24,7 +24,7 @@ from ..distortions import Distortion
 from ..train import Strategy, TrainConfig
 from ..utils import check_choice, check_number
 from . import claims as C
-from .profiles import select
+from .profiles import check_model, select
 from .record import Experiment, envelope
 
 NAME = "adms-rbn"
@@ -83,12 +83,9 @@ class ADMSConfig:
     seeds_second_task: int = 1
 
     def __post_init__(self) -> None:
-        from .. import models
 
         o = "ADMSConfig"
-        check_choice(o, "model", self.model, models.names())
-        if not isinstance(self.model_cfg, Mapping):
-            raise TypeError(f"{o}.model_cfg: expected a dict of model options, got {self.model_cfg!r}")
+        check_model(o, self.model, self.model_cfg)
         bad = [t for t in self.tasks if t not in DEGRADATION_SETS]
         if isinstance(self.tasks, str) or not self.tasks or bad:
             raise ValueError(f"ADMSConfig.tasks: expected names from {', '.join(DEGRADATION_SETS)}, got "

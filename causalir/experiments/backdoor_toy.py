@@ -23,7 +23,7 @@ from ..metrics import psnr
 from ..train import Strategy
 from ..utils import check_choice, check_number, make_generator, resolve_device
 from . import claims as C
-from .profiles import select
+from .profiles import check_model, select
 from .record import Experiment, envelope
 
 NAME = "backdoor-toy"
@@ -65,9 +65,7 @@ class ToyRecipe:
 
     def __post_init__(self) -> None:
         o = "ToyRecipe"
-        check_choice(o, "model", self.model, models.names())
-        if not isinstance(self.model_cfg, Mapping):
-            raise TypeError(f"{o}.model_cfg: expected a dict of model options, got {self.model_cfg!r}")
+        check_model(o, self.model, self.model_cfg)
         for name in ("steps", "batch_size", "eval_side", "tile", "seeds"):
             check_number(o, name, getattr(self, name), lo=1, integer=True)
         check_number(o, "patch_size", self.patch_size, lo=8, integer=True)   # as TrainConfig.patch_size

@@ -29,7 +29,7 @@ from .. import data, dil, distortions, evaluate, models, train
 from ..utils import check_choice, check_number
 from . import claims as C
 from .plots import show_images
-from .profiles import select
+from .profiles import check_model, select
 from .record import Experiment, envelope
 
 DENOISE_NAME, DEBLUR_NAME, TYPES_NAME, BACKBONES_NAME = "dil-denoise", "dil-deblur", "dil-types", "dil-backbones"
@@ -82,9 +82,7 @@ class DILProfile:
 
     def __post_init__(self) -> None:
         o = type(self).__name__
-        check_choice(o, "model", self.model, models.names())
-        if not isinstance(self.model_cfg, Mapping):
-            raise TypeError(f"{o}.model_cfg: expected a dict of model options, got {self.model_cfg!r}")
+        check_model(o, self.model, self.model_cfg)
         if not isinstance(self.sweep, Mapping):
             raise TypeError(f"{o}.sweep: expected a dict, got {self.sweep!r}")
         if isinstance(self.strategies, str):

@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 from ..interpolate import dni_sweep, weight_distance
-from ..utils import check_choice, check_number
+from ..utils import check_number
 from . import claims as C
-from .profiles import select
+from .profiles import check_model, select
 from .record import Experiment, envelope
 
 NAME = "dni-denoise"
@@ -55,12 +55,9 @@ class DNIConfig:
     seeds: int = 1
 
     def __post_init__(self) -> None:
-        from .. import models
 
         o = "DNIConfig"
-        check_choice(o, "model", self.model, models.names())
-        if not isinstance(self.model_cfg, Mapping):
-            raise TypeError(f"{o}.model_cfg: expected a dict of model options, got {self.model_cfg!r}")
+        check_model(o, self.model, self.model_cfg)
         check_number(o, "parent_sigma", self.parent_sigma, lo=0, lo_open=True, hi=255)
         check_number(o, "child_sigma", self.child_sigma, lo=self.parent_sigma, lo_open=True, hi=255)  # > parent
         if isinstance(self.ref_sigmas, (str, bytes)) or not isinstance(self.ref_sigmas, Sequence) or not self.ref_sigmas:

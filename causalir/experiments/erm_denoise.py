@@ -12,9 +12,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from .. import data, distortions, evaluate, models, train
-from ..utils import check_choice, check_number
+from ..utils import check_number
 from . import claims as C
-from .profiles import select
+from .profiles import check_model, select
 from .record import Experiment, envelope
 
 NAME = "erm-denoise"
@@ -41,9 +41,7 @@ class RestorationRecipe:
 
     def __post_init__(self) -> None:
         o = "RestorationRecipe"
-        check_choice(o, "model", self.model, models.names())
-        if not isinstance(self.model_cfg, Mapping):
-            raise TypeError(f"{o}.model_cfg: expected a dict of model options, got {self.model_cfg!r}")
+        check_model(o, self.model, self.model_cfg)
         check_number(o, "steps", self.steps, lo=0, integer=True)
         check_number(o, "batch_size", self.batch_size, lo=1, integer=True)
         check_number(o, "patch_size", self.patch_size, lo=8, integer=True)   # as TrainConfig.patch_size

@@ -21,6 +21,16 @@ def check_profile(profile: str) -> str:
     return profile
 
 
+def check_model(owner: str, model: Any, model_cfg: Any) -> None:
+    """A profile's ``model`` must be a registered backbone and ``model_cfg`` a dict of its options."""
+    from .. import models
+    from ..utils import check_choice
+
+    check_choice(owner, "model", model, models.names())
+    if not isinstance(model_cfg, Mapping):
+        raise TypeError(f"{owner}.model_cfg: expected a dict of model options, got {model_cfg!r}")
+
+
 def override(obj: P, overrides: Optional[Mapping[str, Any]], where: str = "") -> P:
     """``obj`` (a dataclass instance) with ``overrides`` applied; nested dataclass fields take dicts."""
     if not overrides:
