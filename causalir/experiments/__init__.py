@@ -122,18 +122,10 @@ def load_models(name: str, profile: str = "medium", device: str = "cpu", *,
 def collect_claims(folders, rejudge_records: bool = False) -> List[Dict[str, Any]]:
     """Every claim in every results file under ``folders`` (see :func:`claims.collect`); with
     ``rejudge_records`` the claims are first recomputed from each file's tables by the current grammar."""
-    if not rejudge_records:
-        return claims_mod.collect(folders)
-    rows: List[Dict[str, Any]] = []
-    for folder in folders:
-        for path in sorted(Path(folder).glob("*.json")):
-            rec = json.loads(path.read_text())
-            if not isinstance(rec, dict) or rec.get("experiment") not in EXPERIMENTS:
-                continue
-            for c in rejudge(rec)["claims"]:
-                rows.append({"experiment": rec["experiment"], "profile": rec.get("profile", "?"),
-                             "device": rec.get("provenance", {}).get("device", "?"), **c})
-    return rows
+    def judge(rec: Dict[str, Any]) -> Optional[List[Dict[str, Any]]]:
+        return rejudge(rec)["claims"] if rec.get("experiment") in EXPERIMENTS else None
+
+    return claims_mod.collect(folders, judge=judge if rejudge_records else None)
 
 
 def claims_markdown(rows) -> str:

@@ -345,8 +345,9 @@ def seed_diffs(rows: Sequence[Mapping[str, Any]], a: Mapping[str, Any], b: Mappi
 
 
 # ------------------------------------------------------------------------------------------------- tables
-def collect(folders: Sequence[Any]) -> List[Dict[str, Any]]:
-    """Every claim in every results file under ``folders``."""
+def collect(folders: Sequence[Any], judge: Optional[Any] = None) -> List[Dict[str, Any]]:
+    """Every claim in every results file under ``folders``. ``judge(record)`` (optional) returns the claims to
+    use instead of the file's own, or None to skip the file; with it, a file that is not JSON is an error."""
     import json
     from pathlib import Path
 
@@ -356,10 +357,13 @@ def collect(folders: Sequence[Any]) -> List[Dict[str, Any]]:
             try:
                 res = json.loads(path.read_text())
             except json.JSONDecodeError:
+                if judge is not None:
+                    raise
                 continue
             if not isinstance(res, dict):
                 continue
-            for c in res.get("claims", []):
+            found = res.get("claims", []) if judge is None else judge(res)
+            for c in found or []:
                 rows.append({"experiment": res.get("experiment", path.stem), "profile": res.get("profile", "?"),
                              "device": res.get("provenance", {}).get("device", "?"), **c})
     return rows
