@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from .paths import artifacts_dir, repo_root, results_dir
 from .utils import atomic_write_json
@@ -74,9 +74,72 @@ def _check_out(path: Path, overwrite: bool, flag: str) -> Path:
     return path
 
 
+def _train_argv(argv: List[str], drop: Dict[str, int]) -> List[str]:
+    """``argv`` of a train command without the flags in ``drop`` (flag -> how many values follow it; -1: every
+    value up to the next flag)."""
+    out, i = [], 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if flag in drop:
+            n = drop[flag]
+            i += 1
+            if "=" in argv[i - 1]:
+                continue
+            if n < 0:
+                while i < len(argv) and not argv[i].startswith("--"):
+                    i += 1
+            else:
+                i += n
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def _torchrun(nproc: int, argv: List[str]) -> List[str]:
+    """The command that runs ``causalir train argv`` as ``nproc`` ranks under torchrun (one machine)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc), "-m",
+            "causalir.cli", "train", *argv]
+
+
+def _launch_train(a: argparse.Namespace) -> int:
+    """``--nproc N``: re-run this command under torchrun; ``--seeds``: one process per seed (``--jobs`` at a
+    time), each into ``RUN_DIR/seed-S`` and each itself under torchrun with ``--nproc`` > 1."""
+    import subprocess
+
+    argv = _train_argv(list(a.argv), {"--nproc": 1, "--seeds": -1, "--jobs": 1, "--seed": 1, "--run-dir": 1})
+    seeds = a.seeds if a.seeds else [a.seed]
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // max(1, min(a.jobs, len(seeds)) * a.nproc))
+    procs: List[tuple] = []
+    failed: List[int] = []
+
+    def command(seed: int) -> List[str]:
+        run_dir = a.run_dir / f"seed-{seed}" if a.seeds else a.run_dir
+        args = argv + ["--seed", str(seed), "--run-dir", str(run_dir)]
+        return _torchrun(a.nproc, args) if a.nproc > 1 else [sys.executable, "-m", "causalir.cli", "train", *args]
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+    pending = list(seeds)
+    while pending or procs:
+        while pending and len(procs) < a.jobs:
+            s = pending.pop(0)
+            print(f"[train] seed {s}: {' '.join(command(s))}", flush=True)
+            procs.append((s, subprocess.Popen(command(s), env=env)))
+        s, proc = procs.pop(0)
+        if proc.wait() != 0:
+            failed.append(s)
+    if failed:
+        raise RuntimeError(f"training failed for seed(s) {', '.join(map(str, failed))} (see the output above)")
+    return 0
+
+
 def cmd_train(a: argparse.Namespace) -> int:
-    from . import data, distortions, models, train
+    from . import data, distortions, distributed, models, train
     from .utils import seed_everything
+
+    if (a.nproc > 1 or a.seeds) and distributed.env_world_size() == 1:
+        return _launch_train(a)
 
     cfg = train.TrainConfig(steps=a.steps, batch_size=a.batch_size, patch_size=a.patch_size, lr=a.lr, seed=a.seed,
                             device=a.device, precision=a.precision, channels_last=a.channels_last,
@@ -92,6 +155,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     val = data.embedded_images("val", max_side=256)
     res = train.fit(model, strategy, imgs, dset.seen, cfg, val_images=val, val_distortions=dset.all(),
                     run_dir=a.run_dir, resume=True, allow_changed=a.allow_changed)
+    if distributed.rank_world()[0] != 0:
+        return 0
     print(json.dumps({"run_dir": str(a.run_dir), "counters": res.counters.as_dict(), "wall_time_s": res.wall_time,
                       "last": res.history[-1] if res.history else None}, indent=1, default=str))
     return 0
@@ -248,6 +313,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--run-dir", required=True, type=Path, help="checkpoints go here; an existing run is resumed")
     t.add_argument("--allow-changed", nargs="+", default=[], choices=["data", "steps"],
                    help="resume even though the training images (data) or, under the cosine schedule, --steps changed")
+    t.add_argument("--nproc", type=_int_at_least(1), default=1,
+                   help="data-parallel ranks on this machine (runs under torchrun; --batch-size is per rank)")
+    t.add_argument("--seeds", type=_int_at_least(0), nargs="+", default=None,
+                   help="train one run per seed, each in RUN_DIR/seed-S, as parallel processes (see --jobs)")
+    t.add_argument("--jobs", type=_int_at_least(1), default=1, help="with --seeds: runs at once (cores split)")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("evaluate", help="PSNR/SSIM table of a trained run on a distortion set")
@@ -311,7 +381,9 @@ def _one_line(e: BaseException) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv[1:]  # the sub-command's own arguments (re-used by train --nproc / --seeds)
     try:
         return args.fn(args)
     except KeyboardInterrupt:

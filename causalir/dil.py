@@ -34,6 +34,7 @@ import torch
 import torch.nn as nn
 from torch.func import functional_call, grad, vmap
 
+from .distributed import all_mean_dict, average_gradients
 from .train import STRATEGIES, StepContext, Strategy, TrainConfig, at_least_fp32, make_optimizer, make_scheduler
 from .utils import check_choice, check_number
 
@@ -126,11 +127,11 @@ def sample_tasks(ctx: StepContext, k: int, paired: bool = True) -> Tasks:
     for i in range(k):
         d_in, d_out = seen[perm[i]], seen[perm[(i + 1) % n]]
         c = clean if paired else ctx.sample_clean()
-        xi.append(ctx.prepare(ctx.distort(c, d_in)))
-        yi.append(c)
+        xi.append(ctx.prepare(ctx.local(ctx.distort(c, d_in))))  # this rank's slice of the global batch
+        yi.append(ctx.local(c))
         c = clean if paired else ctx.sample_clean()
-        xo.append(ctx.prepare(ctx.distort(c, d_out)))
-        yo.append(c)
+        xo.append(ctx.prepare(ctx.local(ctx.distort(c, d_out))))
+        yo.append(ctx.local(c))
     return Tasks(torch.stack(xi), torch.stack(yi), torch.stack(xo), torch.stack(yo),
                  [seen[perm[i]].label for i in range(k)], [seen[perm[(i + 1) % n]].label for i in range(k)])
 
@@ -154,7 +155,11 @@ def meta_gradient(model: nn.Module, tasks: Tasks, alpha: float, *, serial: bool,
     the parameters of ``model`` (or ``params``), with the inner step(s) of the paper's equation.
 
     first-order: :math:`\\sum_i \\nabla_\\phi \\mathcal{L}(f_\\phi(x^{out}_i))|_{\\phi=\\phi_{d_i}}` (inner gradients
-    treated as constants); second-order: the exact :math:`\\nabla_\\theta J` through every inner step."""
+    treated as constants); second-order: the exact :math:`\\nabla_\\theta J` through every inner step.
+
+    Under torchrun each rank holds its slice of every task's batch: the inner gradient is averaged over the ranks
+    (:func:`causalir.distributed.all_mean_dict`, differentiable) so every rank takes the global virtual step, and
+    the returned meta-gradient is this rank's share (the one update averages it)."""
     import contextlib
 
     check_number("meta_gradient", "alpha", alpha, lo=0)
@@ -171,6 +176,7 @@ def meta_gradient(model: nn.Module, tasks: Tasks, alpha: float, *, serial: bool,
     k = tasks.x_in.shape[0]
 
     def step(p: Params, g: Params) -> Params:
+        g = all_mean_dict(g)  # the global batch's inner gradient (identity with one rank)
         return {n: p[n] - alpha * g[n] for n in p}
 
     if not second_order:
@@ -264,6 +270,8 @@ class _PaperDIL(Strategy):
         _check_flag(self.name, "paired", self.paired)
         _check_flag(self.name, "use_vmap", self.use_vmap)
 
+    distributed = "functional"
+
     def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
         self.opt = make_optimizer(model.parameters(), cfg, lr=self.meta_lr)
         self.sched = make_scheduler(self.opt, cfg)
@@ -331,6 +339,7 @@ class DILSerialFirstReference(Strategy):
     n_distortions: Optional[int] = None
     paired: bool = False
     name: str = field(default="dil_sf_reference", init=False)
+    distributed = "functional"
 
     def __post_init__(self) -> None:
         check_number(self.name, "inner_lr", self.inner_lr, lo=0, lo_open=True)
@@ -360,16 +369,18 @@ class DILSerialFirstReference(Strategy):
         losses = []
         for i in range(k):
             c = clean if self.paired else ctx.sample_clean()
-            x = ctx.prepare(ctx.distort(c, seen[perm[i]]))
+            x = ctx.prepare(ctx.local(ctx.distort(c, seen[perm[i]])))  # this rank's slice of the global batch
+            c = ctx.local(c)
             with ctx.autocast():
                 out = self.task(x)
             loss = ctx.loss_fn(_at_least_fp32(out), c)
             self.task_opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(self.task.parameters())  # the global batch's gradient (no-op with one rank)
             self.task_opt.step()
             losses.append(float(loss.detach()))
-            ctx.counters.images_forwarded += c.shape[0]
-            ctx.counters.images_backpropagated += c.shape[0]
+            ctx.counters.images_forwarded += c.shape[0] * ctx.world
+            ctx.counters.images_backpropagated += c.shape[0] * ctx.world
         with torch.no_grad():  # Reptile meta-gradient theta - phi
             delta = {n: (pm - pt).detach().clone() for (n, pm), pt in
                      zip(ctx.model.named_parameters(), self.task.parameters())}

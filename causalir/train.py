@@ -3,7 +3,9 @@
 The loop owns the device, the data stream, the randomness, validation, progress and checkpoints; a *strategy*
 owns the per-step logic (how batches become a parameter update) and its optimiser state. ERM ships here;
 DIL's strategies live in :mod:`causalir.dil`. Because the per-step logic sits in the strategy, the same loop can
-run under torchrun with the model wrapped in DistributedDataParallel without rewriting any strategy.
+run under torchrun (see :mod:`causalir.distributed`): every rank draws the same global batch and trains on its
+slice (``StepContext.local``); ERM-like strategies run the model wrapped in DistributedDataParallel, the
+functional (meta-learning) ones have their gradients averaged in the one update.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from safetensors.torch import save
 from tqdm.auto import tqdm
 
+from . import distributed as dist_
 from .data import PatchSampler
 from .distortions import Distortion, apply_random
 from .metrics import psnr
@@ -130,6 +133,14 @@ class StepContext:
     autocast: Callable[[], contextlib.AbstractContextManager]
     counters: Counters
     cfg: TrainConfig
+    #: this process's rank and the number of ranks (torchrun); 1 rank outside a process group
+    rank: int = 0
+    world: int = 1
+
+    def local(self, t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+        """This rank's slice of a global batch along ``dim`` (the batch itself with one rank): every rank draws
+        the same ``world * batch_size`` samples and trains on its own ``batch_size`` of them."""
+        return t if self.world == 1 else dist_.local_slice(t, dim, self.rank, self.world)
 
     def distort(self, clean: torch.Tensor, distortion: Optional[Distortion] = None) -> torch.Tensor:
         """Distort a clean batch with one distortion, or (None) a random seen one per sample; counts the batch."""
@@ -285,6 +296,10 @@ class Strategy:
 
     #: True for a strategy that draws its own (e.g. precomputed, paired) data: fit then needs no images.
     owns_data: ClassVar[bool] = False
+    #: how the strategy runs under torchrun (see :mod:`causalir.distributed`): "ddp" (the model wrapped in
+    #: DistributedDataParallel; only ``loss.backward()`` on the module), "functional" (gradients it computes
+    #: itself, averaged over the ranks in :meth:`update`), or "" (not supported: ``fit`` refuses world size > 1).
+    distributed: ClassVar[str] = ""
 
     def data_digest(self) -> Optional[str]:
         """sha256 of the data the strategy owns (None when it owns none): part of a run's data fingerprint, so
@@ -297,24 +312,32 @@ class Strategy:
         """The one parameter update every strategy makes: zero the gradients; backpropagate ``loss`` (a tensor)
         or set the gradients to ``grads`` (a dict by parameter name, e.g. a meta-gradient); clip their norm at
         ``cfg.grad_clip`` (0 = off); one optimiser step and one scheduler step; count ``n_images`` forwarded and
-        ``n_backprop`` (default ``n_images``) backpropagated. ``opt``/``sched`` default to ``self.opt``/``self.sched``."""
+        ``n_backprop`` (default ``n_images``) backpropagated. ``opt``/``sched`` default to ``self.opt``/``self.sched``.
+
+        Under torchrun the gradients are the mean over the ranks before clipping (DDP averages them during the
+        backward of a wrapped model; any other gradient is averaged here with one all-reduce), and the counts are
+        per rank (``n_images`` of this rank's slice) times the number of ranks."""
         opt = self.opt if opt is None else opt
         sched = getattr(self, "sched", None) if sched is None else sched
         model = ctx.model
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
         opt.zero_grad(set_to_none=True)
         if isinstance(loss_or_grads, Mapping):
-            for n, p in model.named_parameters():
+            for n, p in (model.module if ddp else model).named_parameters():
                 if n in loss_or_grads:
                     p.grad = loss_or_grads[n].to(p.dtype)
+            ddp = False  # DDP never saw these gradients
         else:
             loss_or_grads.backward()
+        if ctx.world > 1 and not ddp:
+            dist_.average_gradients(model.parameters())
         if ctx.cfg.grad_clip:
             nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], ctx.cfg.grad_clip)
         opt.step()
         if sched is not None:
             sched.step()
-        ctx.counters.images_forwarded += int(n_images)
-        ctx.counters.images_backpropagated += int(n_images if n_backprop is None else n_backprop)
+        ctx.counters.images_forwarded += int(n_images) * ctx.world
+        ctx.counters.images_backpropagated += int(n_images if n_backprop is None else n_backprop) * ctx.world
 
 
 STRATEGIES: Registry[Strategy] = Registry("strategy")
@@ -330,6 +353,7 @@ class ERM(Strategy):
     on L(f_theta(I_d), I_c)."""
 
     name: str = field(default="erm", init=False)
+    distributed: ClassVar[str] = "ddp"
 
     def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
         self.opt = make_optimizer(model.parameters(), cfg)
@@ -337,7 +361,8 @@ class ERM(Strategy):
 
     def step(self, ctx: StepContext) -> Dict[str, float]:
         clean = ctx.sample_clean()
-        noisy = ctx.prepare(ctx.distort(clean))
+        noisy = ctx.prepare(ctx.local(ctx.distort(clean)))
+        clean = ctx.local(clean)
         with ctx.autocast():
             out = ctx.model(noisy)
         loss = ctx.loss_fn(at_least_fp32(out), clean)  # bf16 -> fp32, keep fp64
@@ -352,6 +377,7 @@ class PairedMSE(Strategy):
 
     name = "paired_mse"
     owns_data = True
+    distributed = "ddp"
 
     def __init__(self, clean: torch.Tensor, dist: torch.Tensor) -> None:
         if not isinstance(clean, torch.Tensor) or not isinstance(dist, torch.Tensor):
@@ -368,10 +394,11 @@ class PairedMSE(Strategy):
         from .data import dihedral
 
         dev = next(ctx.model.parameters()).device
-        idx = torch.randint(len(self.clean), (ctx.cfg.batch_size,), generator=ctx.generator,
+        idx = torch.randint(len(self.clean), (ctx.cfg.batch_size * ctx.world,), generator=ctx.generator,
                             device=ctx.generator.device).cpu()
+        t = torch.randint(8, (len(idx),), generator=ctx.generator, device=ctx.generator.device)
+        idx, t = ctx.local(idx), ctx.local(t).to(dev)
         x, y = self.clean[idx].to(dev), self.dist[idx].to(dev)
-        t = torch.randint(8, (len(idx),), generator=ctx.generator, device=ctx.generator.device).to(dev)
         x, y = dihedral(x, t), dihedral(y, t)
         y = ctx.prepare(y)
         with ctx.autocast():
@@ -518,12 +545,30 @@ def fit(model: nn.Module, strategy: Strategy, train_images: Sequence[torch.Tenso
     Always refused: another configuration, a unit past ``cfg.steps`` and a unit written on another device type.
     ``resume=False`` on an existing run is an error: nothing is overwritten silently. ``run_dir`` is checked
     (a writable folder, empty or a run) before anything is trained.
+
+    **torchrun.** Started by ``torchrun --nproc_per_node R`` (``causalir train --nproc R``), ``fit`` joins the
+    process group, starts every rank from rank 0's weights and trains data-parallel: ``cfg.batch_size`` is the
+    batch of one rank, every rank draws the same global batch of ``R * cfg.batch_size`` and trains on its slice,
+    and the gradients are averaged over the ranks (see :mod:`causalir.distributed`), so R ranks x batch B take
+    the steps of 1 rank x batch R*B. Rank 0 writes the checkpoints (a run is resumed with the same number of
+    ranks); the counters count the images of all ranks.
     """
     _check_fit_inputs(model, strategy, train_images, distortions, cfg, val_images, val_distortions, resume,
                       allow_changed, callback)
     device = resolve_device(cfg.device)
     check_precision(cfg.precision, device)  # bf16 on a machine without bf16 kernels: refused before anything runs
-    run_path = None if run_dir is None else check_run_dir(run_dir)
+    dist_.init_from_env(device)  # under torchrun: join the process group (gloo on CPU, nccl on CUDA)
+    rank, world = dist_.rank_world()
+    if world > 1:
+        _check_distributed(strategy, world)
+        device = dist_.rank_device(device)
+    run_path = None
+    if run_dir is not None:  # rank 0 checks (and tidies) the folder first, then the others look at it
+        if rank == 0:
+            run_path = check_run_dir(run_dir)
+        dist_.barrier()
+        if rank != 0:
+            run_path = check_run_dir(run_dir)
     with _GlobalRNG(cfg.seed, device) as global_rng:
         return _fit(model, strategy, train_images, distortions, cfg, val_images, val_distortions, run_path, resume,
                     set(allow_changed), callback, device, global_rng)
@@ -536,14 +581,20 @@ def _fit(model, strategy, train_images, distortions, cfg, val_images, val_distor
         to_channels_last(model)
     model.train()
     sampler = train_images if isinstance(train_images, PatchSampler) or train_images is None else PatchSampler(
-        train_images, cfg.patch_size, cfg.batch_size, device)
+        train_images, cfg.patch_size, cfg.batch_size * dist_.rank_world()[1], device)
     if sampler is not None and sampler.device != device:
         raise ValueError(f"PatchSampler is on {sampler.device} but training runs on {device}")
+    rank, world = dist_.rank_world()
+    if world > 1 and sampler is not None and sampler.batch_size != cfg.batch_size * world:
+        raise ValueError(f"PatchSampler.batch_size is {sampler.batch_size}; with {world} ranks of batch_size "
+                         f"{cfg.batch_size} it must draw the global batch of {cfg.batch_size * world}")
     gen = make_generator(cfg.seed, device)
     strategy.configure(model, cfg)
     counters = Counters()
     history: List[Dict[str, Any]] = []
     record = _config_record(model, strategy, cfg, distortions)
+    if world > 1:  # a run is resumed with the same number of ranks (the global batch depends on it)
+        record["world_size"] = world
     fingerprint = data_fingerprint(sampler, strategy) if run_path is not None else None
     if run_path is not None:
         units, legacy = _units(run_path), (run_path / "run.json").exists()
@@ -565,8 +616,12 @@ def _fit(model, strategy, train_images, distortions, cfg, val_images, val_distor
             raise RuntimeError(f"strategy {strategy.name!r} owns its data: fit was given no images to sample")
         return sampler.sample(gen)
 
-    ctx = StepContext(model, sample_clean, tuple(distortions), gen, LOSSES[cfg.loss],
-                      autocast_factory(cfg, device), counters, cfg)
+    dist_.broadcast_module(model)  # every rank starts from rank 0's weights (DDP's start; a resume loads them alike)
+    net = model
+    if world > 1 and strategy.distributed == "ddp":
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ctx = StepContext(net, sample_clean, tuple(distortions), gen, LOSSES[cfg.loss],
+                      autocast_factory(cfg, device), counters, cfg, rank, world)
     t0 = time.perf_counter()
     elapsed0 = history[-1]["wall_time"] if history else 0.0
     bar = tqdm(total=cfg.steps, initial=counters.steps, disable=not cfg.progress, desc=strategy.name, leave=False)
@@ -584,11 +639,13 @@ def _fit(model, strategy, train_images, distortions, cfg, val_images, val_distor
                 entry["val_psnr"] = validate(model, val_images, val_distortions, device=device)
             history.append(entry)
             bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4f}")
-            if callback is not None:
+            if callback is not None and rank == 0:
                 callback(step, entry)
         if run_path is not None and ((cfg.ckpt_every and step % cfg.ckpt_every == 0) or step == cfg.steps):
-            _save_checkpoint(run_path, model, strategy, gen, global_rng, counters, record, fingerprint, device,
-                             history)
+            if rank == 0:
+                _save_checkpoint(run_path, model, strategy, gen, global_rng, counters, record, fingerprint, device,
+                                 history)
+            dist_.barrier()  # no rank runs ahead of a unit being written
     bar.close()
     wall = elapsed0 + time.perf_counter() - t0
     model.eval()
@@ -596,6 +653,15 @@ def _fit(model, strategy, train_images, distortions, cfg, val_images, val_distor
 
 
 # ------------------------------------------------------------------------------------------ input checks
+def _check_distributed(strategy: Strategy, world: int) -> None:
+    """A run under torchrun needs a strategy that supports it (``Strategy.distributed``)."""
+    if not strategy.distributed:
+        _import_strategy_modules()
+        ok = sorted(n for n in STRATEGIES.names() if getattr(STRATEGIES.get(n), "distributed", ""))
+        raise ValueError(f"strategy {strategy.name!r} does not run under torchrun (world size {world}); strategies "
+                         f"that do: {', '.join(ok)}")
+
+
 def _check_validation_inputs(model: Any, val_images: Any, val_distortions: Any, allow_empty: bool = False) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")

@@ -326,3 +326,41 @@ def test_train_bf16_channels_last_on_cpu_records_its_precision(tmp_path, monkeyp
     rec = train.find_checkpoint(run)[1]
     assert rec["config"]["train"]["precision"] == "bf16" and rec["config"]["train"]["channels_last"] is True
     assert rec["step"] == 3
+
+
+def test_train_nproc_and_seeds_launch_one_torchrun_per_seed(tmp_path, monkeypatch, capsys):
+    """--nproc N re-runs the command under torchrun; --seeds one process per seed into RUN_DIR/seed-S, --jobs at
+    a time, the launcher's own flags removed from what the children get."""
+    launched = []
+
+    class Proc:
+        def __init__(self, cmd, env):
+            launched.append((cmd, env))
+
+        def wait(self):
+            return 0
+
+    monkeypatch.setattr("subprocess.Popen", Proc)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    argv = ["train", "--nproc", "2", "--seeds", "3", "4", "--jobs", "2", "--steps", "5", "--run-dir", str(tmp_path)]
+    assert cli.main(argv) == 0
+    assert len(launched) == 2
+    for (cmd, env), seed in zip(launched, (3, 4)):
+        assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        child = cmd[cmd.index("train") + 1:]
+        assert child == ["--steps", "5", "--seed", str(seed), "--run-dir", str(tmp_path / f"seed-{seed}")]
+        assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 4))
+
+
+def test_train_seeds_report_the_failed_ones(tmp_path, monkeypatch, capsys):
+    class Proc:
+        def __init__(self, cmd, env):
+            self.seed = cmd[cmd.index("--seed") + 1]
+
+        def wait(self):
+            return 1 if self.seed == "1" else 0
+
+    monkeypatch.setattr("subprocess.Popen", Proc)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert cli.main(["train", "--seeds", "0", "1", "--run-dir", str(tmp_path)]) == 2
+    assert "training failed for seed(s) 1" in capsys.readouterr().err

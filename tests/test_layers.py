@@ -11,7 +11,7 @@ import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "causalir"
 
-CORE = {"registry", "utils", "paths", "data", "distortions", "metrics", "evaluate", "models", "train"}
+CORE = {"registry", "utils", "paths", "data", "distortions", "metrics", "evaluate", "models", "train", "distributed"}
 METHODS = {"causal", "backdoor", "dil", "attribution", "adms", "interpolate", "toolchain", "rl", "pathrestore"}
 TOP = {"nbtools", "cli"}
 RANK = {**{m: 0 for m in CORE}, **{m: 1 for m in METHODS}, "experiments": 2, **{m: 3 for m in TOP}}
