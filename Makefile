@@ -11,7 +11,7 @@ NOTEBOOKS  ?= $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.causalir-installed
 
-.PHONY: setup reproduce test unit nbval notebooks lab bench clean strip browser book
+.PHONY: setup reproduce test unit nbval notebooks lab bench bench-all gpu-wheels gpu-check clean strip browser book
 
 setup: $(STAMP)
 
@@ -60,8 +60,27 @@ unit: $(STAMP)
 lab: $(STAMP)
 	$(VENV)/bin/jupyter lab notebooks/
 
+# One run: matmul peaks, training steps, data ops, conv widths, torch.compile, DIL and FAIG overheads ->
+# data/results/bench-<device>.json and .md (commit them).
 bench: $(STAMP)
-	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+	$(PY) benchmarks/bench_foundation.py
+
+bench-all: bench
+	for b in benchmarks/bench_dil.py benchmarks/bench_faig.py benchmarks/bench_pathrestore.py benchmarks/bench_toolchain.py; do $(PY) $$b || exit 1; done
+
+# The GPU rows (issue 17) on a lent H100/H200: its python3 holds CUDA torch; the packages it lacks travel as
+# wheels fetched here first (`make gpu-wheels`, then carry .whl). Writes data/results/gpu-check.json.
+GPU_PY ?= python3
+GPU_WHEELS = kornia==0.9.0 kornia_rs==0.2.0 captum==0.9.0
+gpu-wheels:
+	python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  --platform any -d .whl $(GPU_WHEELS)
+
+gpu-check:
+	if [ -d .whl ]; then $(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+	  --target /tmp/site .whl/*.whl || exit 1; fi; \
+	PYTHONPATH=/tmp/site:$(CURDIR) timeout 480 $(GPU_PY) benchmarks/gpu_check.py
 
 strip: $(STAMP)
 	$(PY) -m pip install -q nbstripout

@@ -21,7 +21,38 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize(dev)
 
 
-def bench(dev: torch.device, steps: int, side: int, chunk: int | None) -> list[dict]:
+def faig_rebuild(target, baseline, x, y, n_steps: int) -> dict:
+    """The naive reference algorithm (the benchmark's baseline, not used by the package): at every step a new
+    network is built, the interpolated weights theta(k/N) are loaded into it, and L is backpropagated."""
+    th_t = {n: p.detach() for n, p in target.named_parameters()}
+    th_b = {n: p.detach() for n, p in baseline.named_parameters()}
+    cfg = dict(target.config)
+    name = cfg.pop("name")
+    gsum = {n: torch.zeros_like(p) for n, p in th_t.items()}
+    for k in range(n_steps):
+        a = k / n_steps
+        net = models.build(name, **cfg).to(x.device).eval()
+        net.load_state_dict({n: a * th_b[n] + (1 - a) * th_t[n] for n in th_t}, strict=False)
+        ((net(x) - y) ** 2).sum().backward()
+        for n, p in net.named_parameters():
+            gsum[n] += p.grad
+    return {n: gsum[n] / n_steps * (th_b[n] - th_t[n]) for n in th_t}
+
+
+def floor_seconds(target, x, y, n_steps: int, dev: torch.device) -> float:
+    """FAIG's floor: ``n_steps`` x one forward + backward of the batch (to the parameters) on one fixed net."""
+    net = target
+    _sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(n_steps):
+        net.zero_grad(set_to_none=True)
+        ((net(x) - y) ** 2).sum().backward()
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+def pair(dev: torch.device, side: int):
+    """A paper-size x2 SRResNet, a perturbed copy as the target, one LR/HR pair."""
     torch.manual_seed(0)
     base = models.build("srresnet", preset="paper").to(dev).eval()
     tgt = models.build("srresnet", preset="paper").to(dev).eval()
@@ -31,6 +62,48 @@ def bench(dev: torch.device, steps: int, side: int, chunk: int | None) -> list[d
     g = torch.Generator().manual_seed(0)
     x = torch.rand(1, 3, side, side, generator=g).to(dev)
     y = torch.rand(1, 3, 2 * side, 2 * side, generator=g).to(dev)
+    return tgt, base, x, y
+
+
+def overheads(dev: torch.device, steps: int, side: int, vmap_steps: int) -> dict:
+    """FAIG wall time against its floor and against the rebuild-every-step baseline (one run): the package's
+    default path (``faig``, which picks vmap on CUDA and the sequential path on CPU), the plain loop
+    (``faig_reference``), the rebuild baseline; vmap and sequential also at ``vmap_steps`` steps (vmap is slow on
+    CPU). Ratios are wall time / floor (1.0 = at the floor) and rebuild time / method time."""
+    tgt, base, x, y = pair(dev, side)
+    A.faig(tgt, base, x, y, 2)  # warm-up
+    floor_seconds(tgt, x, y, 2, dev)
+    out: dict = {"model": "srresnet-paper", "lr_side": side, "steps": steps,
+                 "kernels": A.count_kernels(tgt), "default_path": "vmap" if dev.type == "cuda" else "sequential"}
+    fl = floor_seconds(tgt, x, y, steps, dev)
+    rows = {}
+    for name, fn in (("faig (default path)", lambda: A.faig(tgt, base, x, y, steps)),
+                     ("faig_reference (loop)", lambda: A.faig_reference(tgt, base, x, y, steps)),
+                     ("rebuild every step (baseline)", lambda: faig_rebuild(tgt, base, x, y, steps))):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        rows[name] = time.perf_counter() - t0
+    rb = rows["rebuild every step (baseline)"]
+    out["floor_s"] = round(fl, 3)
+    out["methods"] = {n: {"s": round(t, 3), "x_floor": round(t / fl, 3), "rebuild_speedup": round(rb / t, 3)}
+                      for n, t in rows.items()}
+    small = {}
+    for name, vec in (("vmap", True), ("sequential", False)):
+        _sync(dev)
+        t0 = time.perf_counter()
+        A.faig(tgt, base, x, y, vmap_steps, vectorize=vec)
+        _sync(dev)
+        small[name] = time.perf_counter() - t0
+    out["vmap_vs_sequential"] = {"steps": vmap_steps, "vmap_s": round(small["vmap"], 3),
+                                 "sequential_s": round(small["sequential"], 3),
+                                 "sequential_speedup": round(small["vmap"] / small["sequential"], 3)}
+    return out
+
+
+def bench(dev: torch.device, steps: int, side: int, chunk: int | None) -> list[dict]:
+    tgt, base, x, y = pair(dev, side)
     A.faig(tgt, base, x, y, 2, vectorize=True)  # warm-up (imports, vmap tracing)
     rows, out = [], {}
     for name, fn in (("captum + vmap", lambda: A.faig(tgt, base, x, y, steps, internal_batch_size=chunk,
