@@ -75,31 +75,58 @@ def test_keep_models_returns_models_and_never_writes_them(tmp_path):
 def test_load_models_names_missing_files(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"models\.json is missing"):
         experiments.load_models("erm-denoise", "medium", folder=tmp_path)
-    (tmp_path / "erm-denoise-medium").mkdir()
-    (tmp_path / "erm-denoise-medium" / "models.json").write_text(json.dumps(
+    root = tmp_path / "erm-denoise" / "medium" / "seed-0"
+    root.mkdir(parents=True)
+    (root / "models.json").write_text(json.dumps(
         {"models": {"ERM": {"model": "rrdb", "config": {"preset": "tiny"}, "file": "erm.safetensors"}}}))
     with pytest.raises(FileNotFoundError, match="erm.safetensors"):
         experiments.load_models("erm-denoise", "medium", folder=tmp_path)
 
 
-def test_load_models_rebuilds_saved_weights(tmp_path):
+def _ship_tiny(tmp_path, with_metrics=True):
     import torch
-    from safetensors.torch import save_file
 
-    from causalir import models
+    from causalir import distortions, models
+    from causalir.experiments import shipping
 
     torch.manual_seed(0)
     net = models.build("dncnn", preset="tiny")
-    root = tmp_path / "erm-denoise-medium"
-    root.mkdir()
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(root / "m.safetensors"))
-    cfg = dict(net.config)
-    (root / "models.json").write_text(json.dumps({"models": {"m": {"model": cfg.pop("name"), "config": cfg,
-                                                                   "file": "m.safetensors"}}}))
-    got = experiments.load_models("erm-denoise", "medium", folder=tmp_path)["m"]
+    tasks = {"m": distortions.build("gaussian_noise", sigma=25)} if with_metrics else None
+    root = shipping.save("erm-denoise", "medium", 0, {"m": net}, record={"config": {"steps": 1}},
+                         command="causalir reproduce erm-denoise --profile medium", tasks=tasks, folder=tmp_path)
+    return net, root
+
+
+def test_load_models_rebuilds_saved_weights_and_their_cards_check(tmp_path):
+    import torch
+
+    from causalir.experiments import shipping
+
+    net, root = _ship_tiny(tmp_path)
+    spec = json.loads((root / "models.json").read_text())
+    card = spec["models"]["m"]
+    assert spec["licence"] and spec["command"].startswith("causalir") and card["parameters"] > 0
+    assert card["metrics"]["test_input_psnr"] > 10 and card["metrics"]["distortion"]["name"] == "gaussian_noise"
+    got = experiments.load_models("erm-denoise", "medium", folder=tmp_path)
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
-        assert torch.equal(got(x), net.eval()(x))
+        assert torch.equal(got["m"](x), net.eval()(x))
+    assert shipping.verify(got, spec)["m"] <= shipping.CHECK_TOL_DB
+    card["metrics"]["check"]["psnr"] += 0.05  # a card that the model does not reach is caught
+    with pytest.raises(ValueError, match="check PSNR"):
+        shipping.verify(got, spec)
+
+
+def test_load_models_refuses_an_altered_file_and_overwriting(tmp_path):
+    from causalir.experiments import shipping
+
+    net, root = _ship_tiny(tmp_path, with_metrics=False)
+    f = root / "m.safetensors"
+    f.write_bytes(f.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ValueError, match="sha256"):
+        experiments.load_models("erm-denoise", "medium", folder=tmp_path)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        shipping.save("erm-denoise", "medium", 0, {"m": net}, record={}, command="x", folder=tmp_path)
 
 
 def test_unknown_experiment_names_valid_ones():

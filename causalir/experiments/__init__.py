@@ -16,9 +16,10 @@ import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..paths import artifacts_dir, models_dir, results_dir
+from ..paths import artifacts_dir, results_dir
 from ..utils import atomic_write_json
 from . import claims as claims_mod
+from . import shipping
 from .profiles import NAMES as PROFILES
 from .profiles import check_profile
 from .record import Experiment, provenance
@@ -101,22 +102,14 @@ def rejudge(record: Dict[str, Any]) -> Dict[str, Any]:
     return {**record, "claims": claims_mod.as_rows(exp.claims(record))}
 
 
-def load_models(name: str, profile: str = "medium", device: str = "cpu", *,
+def load_models(name: str, profile: str = "medium", seed: int = 0, device: str = "cpu", *,
                 folder: Optional[Path] = None) -> Dict[str, Any]:
-    """The trained models of a committed run, rebuilt from ``data/models/NAME-PROFILE/`` (a ``models.json``
-    manifest and one safetensors file per model). Raises FileNotFoundError naming the missing files."""
+    """The trained models of a committed run, rebuilt from ``data/models/NAME/PROFILE/seed-SEED/`` (a
+    ``models.json`` manifest of model cards and one safetensors file per model; see :mod:`.shipping`). Raises
+    FileNotFoundError naming missing files and ValueError for a file whose sha256 differs from its card."""
     exp = get(name)
-    root = Path(folder or models_dir()) / f"{name}-{profile}"
-    manifest = root / "models.json"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"no shipped models for {name} ({profile}): {manifest} is missing (and the "
-                                "weights it lists); run experiments.run(..., keep_models=True) and save them, "
-                                "or see issue 'shipped models'")
-    spec = json.loads(manifest.read_text())
-    missing = [str(root / m["file"]) for m in spec.get("models", {}).values() if not (root / m["file"]).is_file()]
-    if missing:
-        raise FileNotFoundError(f"shipped models for {name} ({profile}) are incomplete; missing: {', '.join(missing)}")
-    return exp.load_models(spec, root, device)
+    spec = shipping.read_manifest(name, profile, seed, folder)
+    return exp.load_models(spec, shipping.model_dir(name, profile, seed, folder), device)
 
 
 def collect_claims(folders, rejudge_records: bool = False) -> List[Dict[str, Any]]:
