@@ -399,8 +399,52 @@ class DILSerialFirstReference(Strategy):
         return {**super().describe(), "implements": PROVENANCE[self.name]}
 
 
+# ------------------------------------------------------------------------------------------ the control
+@STRATEGIES.register("erm_stratified")
+@dataclass
+class StratifiedERM(Strategy):
+    """ERM with K*B images per step, one slice of B per seen distortion (the K outer distortions of a DIL-pf
+    step, in the same random order): one Adam step on sum_i L(f_theta(d_i(I_c)), I_c). This is DIL-pf's
+    meta-gradient at alpha = 0 on the outer batches, so it separates DIL's meta-learning term from the extra data
+    DIL sees per iteration. ``paired``: one clean batch for every slice (as the paper variants)."""
+
+    n_distortions: Optional[int] = None
+    paired: bool = True
+    name: str = field(default="erm_stratified", init=False)
+    distributed = "ddp"
+
+    def __post_init__(self) -> None:
+        check_number(self.name, "n_distortions", self.n_distortions, lo=1, integer=True, allow_none=True)
+        _check_flag(self.name, "paired", self.paired)
+
+    def configure(self, model: nn.Module, cfg: TrainConfig) -> None:
+        self.opt = make_optimizer(model.parameters(), cfg)
+        self.sched = make_scheduler(self.opt, cfg)
+
+    def step(self, ctx: StepContext) -> Dict[str, float]:
+        seen = ctx.distortions
+        n = len(seen)
+        k = self.n_distortions or n
+        if not 1 <= k <= n:
+            raise ValueError(f"n_distortions: expected 1..{n} (the number of seen distortions), got {k}")
+        perm = _perm(n, ctx.generator)
+        clean = ctx.sample_clean() if self.paired else None
+        xs, ys = [], []
+        for i in range(k):
+            c = clean if self.paired else ctx.sample_clean()
+            xs.append(ctx.local(ctx.distort(c, seen[perm[(i + 1) % n]])))
+            ys.append(ctx.local(c))
+        x, y = ctx.prepare(torch.cat(xs)), torch.cat(ys)
+        with ctx.autocast():
+            out = ctx.model(x)
+        loss = k * ctx.loss_fn(_at_least_fp32(out), y)  # = sum of the K slices' mean losses (equal slices)
+        self.update(ctx, loss, x.shape[0])
+        return {"loss": float(loss.detach()) / k, "lr": self.sched.get_last_lr()[0]}
+
+
 def batches_per_step(strategy: str, n_seen: int, n_distortions: Optional[int] = None) -> int:
-    """Distorted batches one step of ``strategy`` draws (ERM 1; paper variants 2K; released sf K)."""
+    """Distorted batches one step of ``strategy`` draws (ERM 1; paper variants 2K; released sf and stratified
+    ERM K)."""
     check_number("batches_per_step", "n_seen", n_seen, lo=1, integer=True)
     check_number("batches_per_step", "n_distortions", n_distortions, lo=1, integer=True, allow_none=True)
     k = n_distortions or n_seen
@@ -408,6 +452,6 @@ def batches_per_step(strategy: str, n_seen: int, n_distortions: Optional[int] = 
         return 1
     if strategy in PAPER_VARIANTS:
         return 2 * k
-    if strategy == "dil_sf_reference":
+    if strategy in ("dil_sf_reference", "erm_stratified"):
         return k
-    raise KeyError(f"unknown strategy {strategy!r}; valid names: erm, {', '.join(ALL_VARIANTS)}")
+    raise KeyError(f"unknown strategy {strategy!r}; valid names: erm, erm_stratified, {', '.join(ALL_VARIANTS)}")

@@ -126,12 +126,17 @@ class RRDB(nn.Module):
 
 class RRDBNet(nn.Module):
     """ESRGAN RRDBNet with the upsampler removed (DIL's backbone): conv_first, nb RRDBs, trunk conv (+skip),
-    HR conv, conv_last. Like the reference, the output is the image itself (no skip from the input)."""
+    HR conv, conv_last. Like the reference, the output is the image itself (no skip from the input).
 
-    def __init__(self, in_ch: int = 3, nf: int = 64, nb: int = 23, gc: int = 32) -> None:
+    ``skip=True`` (ours, not the paper's): y = x + f(x), a residual from the input. Without it the network starts
+    with an output near 0 (a black image, -13 to -25 grey levels after a few steps of a small net), an offset
+    that a MAML objective scoring only phi = theta - alpha g never trains out of theta (see notebook 02)."""
+
+    def __init__(self, in_ch: int = 3, nf: int = 64, nb: int = 23, gc: int = 32, skip: bool = False) -> None:
         super().__init__()
         _check_sizes("rrdb", in_ch=in_ch, nf=nf, nb=nb, gc=gc)
-        self.in_ch = in_ch
+        _check_flag("rrdb", "skip", skip)
+        self.in_ch, self.skip = in_ch, skip
         self.conv_first = nn.Conv2d(in_ch, nf, 3, padding=1)
         self.trunk = nn.Sequential(*[RRDB(nf, gc) for _ in range(nb)])
         self.trunk_conv = nn.Conv2d(nf, nf, 3, padding=1)
@@ -143,7 +148,8 @@ class RRDBNet(nn.Module):
         check_input(x, "rrdb", self.in_ch)
         fea = self.conv_first(x)
         fea = fea + self.trunk_conv(self.trunk(fea))
-        return self.conv_last(self.act(self.hr_conv(fea)))
+        out = self.conv_last(self.act(self.hr_conv(fea)))
+        return x + out if self.skip else out
 
 
 # ---------------------------------------------------------------------------------------------- SRResNet

@@ -256,3 +256,46 @@ def test_every_strategy_trains_on_cuda(name):
     res = _fit(name, 2, device="cuda", **kw)
     assert next(res.model.parameters()).is_cuda
     assert all(torch.isfinite(p).all() for p in res.model.parameters())
+
+
+# ------------------------------------------------------------------------------------- the stratified control
+def test_stratified_erm_is_pf_at_alpha_zero_on_the_outer_batches():
+    """The stratified ERM's gradient, sum_i grad L(f(x_out_i), y_out_i), is DIL-pf's meta-gradient at alpha = 0
+    (the control separates the meta-learning term from the extra data per step)."""
+    net, tasks = tiny_net(), make_tasks(3)
+    g_pf, _ = meta_gradient(net, tasks, 0.0, serial=False, second_order=False, loss_fn=F.l1_loss)
+    k = tasks.x_out.shape[0]
+    x, y = tasks.x_out.flatten(0, 1), tasks.y_out.flatten(0, 1)
+    net.zero_grad()
+    (k * F.l1_loss(net(x), y)).backward()  # what StratifiedERM.step backpropagates
+    torch.testing.assert_close(flat({n: p.grad for n, p in net.named_parameters()}), flat(g_pf))
+    # and at alpha > 0 the two differ: the test can fail
+    g_a, _ = meta_gradient(net, tasks, 0.5, serial=False, second_order=False, loss_fn=F.l1_loss)
+    assert (flat(g_a) - flat(g_pf)).abs().max() > 1e-6
+
+
+def test_stratified_erm_draws_one_slice_per_seen_distortion_and_counts_them():
+    seen = [distortions.build("gaussian_noise", sigma=s) for s in (5.0, 30.0, 60.0)]
+    imgs = [torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cfg = train.TrainConfig(steps=2, batch_size=2, patch_size=16, lr=1e-3, val_every=0, ckpt_every=0,
+                            progress=False, device="cpu")
+    torch.manual_seed(0)
+    res = train.fit(models.build("dncnn", preset="tiny"), train.build_strategy("erm_stratified"), imgs, seen, cfg)
+    assert res.counters.distorted_batches == 2 * 3 and res.counters.images_forwarded == 2 * 3 * 2
+    assert dil.batches_per_step("erm_stratified", 3) == 3 and dil.batches_per_step("erm_stratified", 3, 2) == 2
+    with pytest.raises(ValueError, match="n_distortions: expected 1..3"):
+        train.fit(models.build("dncnn", preset="tiny"), train.build_strategy("erm_stratified", n_distortions=4),
+                  imgs, seen, cfg)
+
+
+def test_rrdb_input_skip_is_a_residual_and_off_by_default():
+    torch.manual_seed(0)
+    plain = models.build("rrdb", preset="tiny")
+    torch.manual_seed(0)
+    skip = models.build("rrdb", preset="tiny", skip=True)
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(skip(x), x + plain(x))
+    assert "skip" not in plain.config and skip.config["skip"] is True
+    with pytest.raises(ValueError, match="rrdb.skip"):
+        models.build("rrdb", preset="tiny", skip="yes")
