@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,9 +69,17 @@ def test_selection_uses_validation_only(denoise):
     assert not set(cfg["val_select"]) & set(cfg["test_levels"])      # never a test level
     assert "σ=50" in cfg["val_curve"][0]
     sweep = denoise["tables"]["sweep"]
-    assert sweep["chosen"]["alpha"] in (0.01, 0.1)
+    accepted = [r["alpha"] for r in sweep["rows"] if r["strategy"] == "dil_pf" and r["accepted"]]
+    # the gate: only a candidate whose theta beats the noisy input at every seen level may win; else the
+    # profile's alpha stays and the sweep says why
+    if accepted:
+        assert sweep["chosen"]["alpha"] in accepted
+    else:
+        assert sweep["chosen"]["alpha"] == X.PROFILES_DENOISE["quick"].alpha and "alpha_note" in sweep["chosen"]
+    for r in sweep["rows"]:
+        assert r["accepted"] == (r["gate_margin_db"] > sweep["gate_db"])
     assert denoise["config"]["profile"]["alpha"] == sweep["chosen"]["alpha"]
-    assert "validation photos" in sweep["criterion"]
+    assert "validation photos" in sweep["criterion"] and "noisy input" in sweep["criterion"]
     for runs in denoise["curves"].values():
         for c in runs:
             assert [p["distorted_batches"] for p in c] == sorted(p["distorted_batches"] for p in c)
@@ -175,7 +184,10 @@ def test_profiles_and_overrides():
     if committed is not None:
         ran = {k: v for k, v in committed["config"]["profile"].items() if k not in ("seeds", "sweep")}
         ours = {k: v for k, v in _fields(med).items() if k not in ("seeds", "sweep")}
-        assert ran == ours
+        # fields added after the committed run must still be at the defaults it ran with
+        new = {k: v for k, v in ours.items() if k not in ran}
+        assert new == {k: v for k, v in _fields(X.DILProfile()).items() if k in new}
+        assert ran == {k: v for k, v in ours.items() if k in ran}
     p = select(X.PROFILES_DENOISE, "quick", {"budget": 40, "n_distortions": 2})
     assert p.steps("erm", 4) == 40 and p.steps("dil_pf", 4) == 10 and p.steps("dil_sf_reference", 4) == 10
     assert dil.batches_per_step("dil_ss", 4) == 8
@@ -237,3 +249,66 @@ def test_merge_seed_records_recomputes_the_same_claims(denoise):
     assert experiments.rejudge(merged)["claims"] == merged["claims"]
     with pytest.raises(ValueError, match="duplicate seeds"):
         X.merge_seed_records([rec, rec])
+
+
+# ------------------------------------------------------------------------------------ the protocol (issue 13)
+@pytest.fixture(scope="module")
+def protocol(tmp_path_factory):
+    out = tmp_path_factory.mktemp("proto")
+    return experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=out, keep_models=True,
+                           strategies=("erm", "erm_oracle", "erm_stratified", "dil_pf", "dil_sf_reference",
+                                       "dil_sf_reference_lr"),
+                           budgets=("batches", "iterations"), seeds=1, threads=1, val_tiles=4,
+                           ref_inner_lr=X.RELEASED_LR, ref_meta_lr=X.RELEASED_LR, **TINY)
+
+
+def test_protocol_trains_the_baselines_in_both_budget_arms(protocol):
+    b = protocol["tables"]["budgets"]
+    # ERM and the oracle take one distorted batch per step: the same run serves both arms
+    assert b["ERM"][0]["arm"] == "both" and b["ERM oracle"][0]["arm"] == "both"
+    assert "ERM [equal iterations]" not in b
+    # the others: equal distorted batches (8) in one arm, ERM's 8 steps in the other
+    for m in ("ERM stratified", "DIL-pf", "DIL-sf (released code)", "DIL-sf (released code, ERM's lr)"):
+        assert b[m][0]["distorted_batches"] == 8, m
+        assert b[m + " [equal iterations]"][0]["steps"] == 8, m
+    assert b["DIL-pf [equal iterations]"][0]["distorted_batches"] == 8 * 2 * 2       # 2K batches per step, K=2
+    assert b["ERM stratified [equal iterations]"][0]["distorted_batches"] == 8 * 2   # K per step
+    released = b["DIL-sf (released code)"][0]["strategy"]
+    assert released["inner_lr"] == released["meta_lr"] == 1e-4                       # the released settings
+    at_lr = b["DIL-sf (released code, ERM's lr)"][0]["strategy"]
+    assert at_lr["inner_lr"] == at_lr["meta_lr"] == X.PROFILES_DENOISE["quick"].lr
+    tp = b["DIL-pf"][0]["theta_phi"]
+    assert set(tp) == {"L_theta", "L_phi", "offset_grey"} and all(np.isfinite(list(tp.values())))
+
+
+def test_protocol_claims_need_the_oracle_headroom(protocol):
+    claims = {c["claim"]: c for c in protocol["claims"]}
+    gain = claims["DIL-pf beats ERM at unseen σ=50 (dB gain)"]
+    assert [p["name"] for p in gain["checks"]] == ["restorer", "restorer", "headroom"]
+    assert "DIL-pf [equal iterations] beats ERM at unseen σ=50 (dB gain)" in claims
+    assert "ERM oracle beats ERM at unseen σ=50 (headroom, dB)" in claims
+    assert "DIL-pf beats ERM stratified at unseen σ=50 (meta-learning term, dB)" in claims
+    # a failed precondition makes the verdict inconclusive, never "not reproduced"
+    for c in protocol["claims"]:
+        if any(not p["ok"] for p in c["checks"]):
+            assert c["verdict"] == C.INCONCLUSIVE, c["claim"]
+
+
+def test_protocol_rerun_is_bit_identical(protocol, tmp_path):
+    again = experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path,
+                            strategies=("erm", "dil_pf"), seeds=1, threads=1, val_tiles=4, **TINY)
+    for label in ("ERM",):
+        a = [r for r in protocol["tables"]["per_image"] if r["method"] == label]
+        b = [r for r in again["tables"]["per_image"] if r["method"] == label]
+        assert a == b
+
+
+def test_validation_tiles_and_bad_protocol_fields():
+    tiles = X.validation_images(X.DILProfile(val_tiles=16, val_side=64))
+    assert len(tiles) == 16 and all(t.shape[-2:] == (64, 64) for t in tiles)
+    with pytest.raises(ValueError, match="val_tiles"):
+        X.validation_images(X.DILProfile(val_tiles=10_000, val_side=64))
+    with pytest.raises(ValueError, match="budgets"):
+        X.DILProfile(budgets=("batches", "hours"))
+    with pytest.raises(ValueError, match="threads"):
+        X.DILProfile(threads=-1)
