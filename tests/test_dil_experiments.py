@@ -312,3 +312,44 @@ def test_validation_tiles_and_bad_protocol_fields():
         X.DILProfile(budgets=("batches", "hours"))
     with pytest.raises(ValueError, match="threads"):
         X.DILProfile(threads=-1)
+
+
+def test_a_study_with_run_root_resumes_and_skips_finished_methods(tmp_path, monkeypatch):
+    """Killed after its first method, the study started again trains only the rest, and the record equals an
+    uninterrupted run's (per-image PSNRs, curves)."""
+    kw = dict(strategies=("erm", "dil_pf"), seeds=1, threads=1, **TINY)
+    straight = experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "a", **kw)
+    root = tmp_path / "study"
+    calls = []
+    real = X.train_one
+
+    class Killed(Exception):
+        pass
+
+    kill = [True]
+
+    def dies_on_second(name, *a, **k):
+        calls.append(name)
+        if name == "dil_pf" and kill[0]:
+            kill[0] = False
+            raise Killed("killed")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(X, "train_one", dies_on_second)
+    with pytest.raises(Killed):
+        experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "b", run_root=str(root), **kw)
+    assert (root / "seed-0" / "both" / "erm" / "done.json").is_file()
+    calls.clear()
+    resumed = experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "b",
+                              run_root=str(root), **kw)
+    assert calls == ["dil_pf"]                                   # ERM came from the folder
+    assert resumed["tables"]["per_image"] == straight["tables"]["per_image"]
+    def no_clock(curves):
+        return {k: [[{f: v for f, v in p.items() if f != "wall_time"} for p in c] for c in runs]
+                for k, runs in curves.items()}
+
+    assert no_clock(resumed["curves"]) == no_clock(straight["curves"])  # all but the wall clock
+    assert "run_root" not in resumed["config"]["profile"]
+    with pytest.raises(ValueError, match="another profile"):
+        experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "c", run_root=str(root),
+                        **{**kw, "lr": 5e-4})

@@ -17,6 +17,7 @@ input at that distortion.
 from __future__ import annotations
 
 import copy
+import json
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -24,9 +25,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
 from .. import data, dil, distortions, evaluate, models, train
-from ..utils import check_choice, check_number
+from ..utils import atomic_write_json, check_choice, check_number
 from . import claims as C
 from .plots import show_images
 from .profiles import check_model, select
@@ -105,6 +107,10 @@ class DILProfile:
     gate_db: float = 0.0
     #: torch threads during the run (0 = leave as is); fixed so that a rerun is bit-identical
     threads: int = 0
+    #: a folder for a resumable study ("" = none): each method's training checkpoints, its selected weights and,
+    #: once evaluated, its results; an interrupted run started again with the same profile continues where it
+    #: stopped and skips the finished methods (not part of the science: excluded from the record's profile)
+    run_root: str = ""
 
     def __post_init__(self) -> None:
         o = type(self).__name__
@@ -114,6 +120,8 @@ class DILProfile:
         object.__setattr__(self, "budgets", tuple(self.budgets))
         for k in ("val_tiles", "threads"):
             check_number(o, k, getattr(self, k), lo=0, integer=True)
+        if not isinstance(self.run_root, str):
+            raise TypeError(f"{o}.run_root: expected a folder path (str) or '', got {self.run_root!r}")
         check_number(o, "gate_db", self.gate_db)
         if not isinstance(self.sweep, Mapping):
             raise TypeError(f"{o}.sweep: expected a dict, got {self.sweep!r}")
@@ -247,23 +255,30 @@ def train_one(strategy: str, prof: DILProfile, seen: Sequence[distortions.Distor
               strategy_kwargs: Optional[Dict[str, Any]] = None, budget: Optional[int] = None,
               model_name: Optional[str] = None, model_cfg: Optional[Dict[str, Any]] = None, arm: str = "batches",
               train_on: Optional[Sequence[distortions.Distortion]] = None,
-              val_gate: Optional[Dict[str, distortions.Distortion]] = None) -> Trained:
+              val_gate: Optional[Dict[str, distortions.Distortion]] = None,
+              run_dir: Optional[Path] = None) -> Trained:
     """Train one method (a strategy or a baseline of :data:`BASELINES`) at the profile's budget (``arm``:
     equal distorted batches or equal iterations), validate at ``checkpoints`` evenly spaced points and keep the
     checkpoint with the best mean validation PSNR over ``val_sel`` (validation photos only). ``train_on``: the
     distortions it trains on (default ``seen``; the oracle's are the test conditions); ``val_gate``: further
-    validation distortions recorded at every checkpoint (the seen levels, for the restorer gate)."""
+    validation distortions recorded at every checkpoint (the seen levels, for the restorer gate). ``run_dir``:
+    checkpoints (``fit``'s, every validation) and the best weights so far, so that a killed run resumes."""
     prof = replace(prof, budget=budget or prof.budget)
     steps = prof.steps(strategy, len(seen), arm)
     every = max(1, steps // prof.checkpoints)
     torch.manual_seed(seed)
     model = models.build(model_name or prof.model, **(model_cfg if model_cfg is not None else prof.model_cfg))
     cfg = train.TrainConfig(steps=steps, batch_size=prof.batch_size, patch_size=prof.patch_size, lr=prof.lr,
-                            seed=seed, device=device, val_every=every, progress=False)
+                            seed=seed, device=device, val_every=every, progress=False,
+                            ckpt_every=every if run_dir is not None else 0)
     kwargs = strategy_kwargs if strategy_kwargs is not None else prof.strategy_kwargs(strategy)
     strat = train.build_strategy(strategy_of(strategy), **kwargs)
     val = validation_images(prof)
     best = {"score": -np.inf, "state": None, "step": 0}
+    best_file = None if run_dir is None else Path(run_dir) / "best.safetensors"
+    if best_file is not None and best_file.is_file():  # a resumed run: the best checkpoint before the stop
+        meta = json.loads(best_file.with_suffix(".json").read_text())
+        best.update(score=meta["score"], step=meta["step"], state=load_file(str(best_file)))
 
     def keep_best(step: int, entry: Dict[str, Any]) -> None:
         v = entry.get("val_psnr")
@@ -273,9 +288,13 @@ def train_one(strategy: str, prof: DILProfile, seen: Sequence[distortions.Distor
         entry["val_select"] = score
         if score >= best["score"]:  # ties go to the later checkpoint (trained longer)
             best.update(score=score, step=step, state=copy.deepcopy(model.state_dict()))
+            if best_file is not None:  # weights first, then the json that vouches for them
+                save_file({k: v.detach().cpu().contiguous() for k, v in best["state"].items()}, str(best_file))
+                atomic_write_json(best_file.with_suffix(".json"), {"score": score, "step": step})
 
     res = train.fit(model, strat, data.embedded_images("train"), list(train_on or seen), cfg, val_images=val,
-                    val_distortions={**val_sel, **val_curve, **(val_gate or {})}, callback=keep_best)
+                    val_distortions={**val_sel, **val_curve, **(val_gate or {})},
+                    run_dir=None if run_dir is None else Path(run_dir) / "fit", callback=keep_best)
     final = copy.deepcopy(res.model.state_dict())
     if best["state"] is not None:
         res.model.load_state_dict(best["state"])
@@ -338,6 +357,38 @@ def theta_phi(model: torch.nn.Module, prof: DILProfile, seen: Sequence[distortio
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+def _done_key(prof: DILProfile, with_input: bool) -> Dict[str, Any]:
+    """What a finished method's cached results depend on (a changed profile trains it again)."""
+    d = asdict(prof) if not isinstance(prof, BackbonesProfile) else prof.base()
+    return json.loads(json.dumps({**{k: v for k, v in d.items() if k not in ("run_root", "seeds", "sweep")},
+                                  "with_input": with_input}, default=str))
+
+
+def _load_done(unit: Optional[Path], prof: DILProfile, label: str, with_input: bool, model_name, model_cfg):
+    """A finished method's results from a resumable study's folder (None: train it)."""
+    import pandas as pd
+
+    if unit is None or not (unit / "done.json").is_file():
+        return None
+    rec = json.loads((unit / "done.json").read_text())
+    if rec.get("key") != _done_key(prof, with_input):
+        raise ValueError(f"{unit} holds results of another profile; choose another run_root or remove the folder")
+    model = models.build(model_name or prof.model, **(model_cfg if model_cfg is not None else prof.model_cfg))
+    models.load_state(model, unit / "selected.safetensors")
+    return {"model": model.eval(), "curve": rec["curve"], "row": rec["row"],
+            "frame": pd.DataFrame(rec["frame"])}
+
+
+def _save_done(unit: Optional[Path], prof: DILProfile, done: Dict[str, Any], with_input: bool) -> None:
+    if unit is None:
+        return
+    unit.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in done["model"].state_dict().items()},
+              str(unit / "selected.safetensors"))
+    atomic_write_json(unit / "done.json", {"key": _done_key(prof, with_input), "curve": done["curve"],
+                                           "row": done["row"], "frame": done["frame"].to_dict(orient="records")})
+
+
 class _threads:
     """``torch.set_num_threads(n)`` for the duration (n = 0: unchanged): a profile fixes its thread count so that
     a rerun of a committed seed gives the committed numbers bit for bit (reductions depend on it)."""
@@ -409,23 +460,32 @@ def _run_methods(prof: DILProfile, seen, tests: Dict[str, distortions.Distortion
                     continue  # same steps in every arm
                 if name == "erm_oracle" and not oracle:
                     raise ValueError("the oracle baseline needs the test conditions to train on (oracle=...)")
-                kw = (strategy_kwargs or {}).get(name)
-                tr = train_one(name, prof, seen, s, device, val_sel, val_curve, kw, model_name=model_name,
-                               model_cfg=model_cfg, arm=arm, train_on=oracle if name == "erm_oracle" else None)
                 label = tag + LABEL[name] + ("" if single else ARM_SUFFIX[arm])
-                kept[label] = tr.model
-                curves.setdefault(label, []).append(tr.curve)
-                row = {"seed": s, "arm": "both" if single else arm, **tr.counters,
-                       "wall_time_s": round(tr.wall_time, 2), "selected_step": tr.selected_step,
-                       "strategy": tr.strategy}
-                if name in dil.PAPER_VARIANTS:
-                    row["theta_phi"] = theta_phi(tr.model, prof, seen, tr.strategy["alpha"], s)
-                budgets.setdefault(label, []).append(row)
-                for set_name, (imgs, names_) in sets.items():
-                    df = evaluate.evaluate({label: tr.model}, imgs, tests, seed=1000 + s, device=device,
-                                           image_names=names_, include_input=first)
-                    df["seed"], df["set"] = s, set_name
-                    frames.append(df)
+                unit = None if not prof.run_root else (Path(prof.run_root) / f"seed-{s}" / tag.strip(": ")
+                                                       / ("both" if single else arm) / name)
+                done = _load_done(unit, prof, label, first, model_name, model_cfg)
+                if done is None:
+                    kw = (strategy_kwargs or {}).get(name)
+                    tr = train_one(name, prof, seen, s, device, val_sel, val_curve, kw, model_name=model_name,
+                                   model_cfg=model_cfg, arm=arm, train_on=oracle if name == "erm_oracle" else None,
+                                   run_dir=unit)
+                    row = {"seed": s, "arm": "both" if single else arm, **tr.counters,
+                           "wall_time_s": round(tr.wall_time, 2), "selected_step": tr.selected_step,
+                           "strategy": tr.strategy}
+                    if name in dil.PAPER_VARIANTS:
+                        row["theta_phi"] = theta_phi(tr.model, prof, seen, tr.strategy["alpha"], s)
+                    parts = []
+                    for set_name, (imgs, names_) in sets.items():
+                        df = evaluate.evaluate({label: tr.model}, imgs, tests, seed=1000 + s, device=device,
+                                               image_names=names_, include_input=first)
+                        df["seed"], df["set"] = s, set_name
+                        parts.append(df)
+                    done = {"model": tr.model, "curve": tr.curve, "row": row, "frame": pd.concat(parts)}
+                    _save_done(unit, prof, done, first)
+                kept[label] = done["model"]
+                curves.setdefault(label, []).append(done["curve"])
+                budgets.setdefault(label, []).append(done["row"])
+                frames.append(done["frame"])
                 first = False
         first = True
     full = pd.concat(frames, ignore_index=True)
@@ -447,7 +507,9 @@ def _sweep(prof: DILProfile, seen, val_sel, val_curve, seed: int, device: str) -
     inputs = train.validate(torch.nn.Identity(), val, {**val_sel, **val_curve, **gate}, device=torch.device("cpu"))
 
     def one(strategy: str, key: str, value: float, kwargs: Dict[str, Any]) -> None:
-        tr = train_one(strategy, prof, seen, seed, device, val_sel, val_curve, kwargs, budget=budget, val_gate=gate)
+        unit = (Path(prof.run_root) / f"sweep-seed-{seed}" / f"{strategy}-{key}-{value:g}") if prof.run_root else None
+        tr = train_one(strategy, prof, seen, seed, device, val_sel, val_curve, kwargs, budget=budget, val_gate=gate,
+                       run_dir=unit)
         sel = next(p for p in tr.curve if p["step"] == tr.selected_step) if tr.selected_step else tr.curve[-1]
         margin = min(sel[f"val {k}"] - inputs[k] for k in gate)
         rows.append({"strategy": strategy, key: value, "val_select": round(sel["val_select"], 3),
@@ -482,6 +544,7 @@ def _parts(prof: DILProfile, out: Dict[str, Any], extra_config: Dict[str, Any], 
     """(config, tables, extra top-level entries) of a record."""
     df = out["df"]
     prof_d = prof.base() if isinstance(prof, BackbonesProfile) else asdict(prof)
+    prof_d.pop("run_root", None)  # where it ran, not what it did
     config = {"profile": prof_d, "seeds": list(range(seed, seed + prof.seeds)),
               "implements": {LABEL[k]: v for k, v in dil.PROVENANCE.items()}, **extra_config}
     tables = {"summary": _summary(df), "per_image": df.round(4).to_dict(orient="records"),
