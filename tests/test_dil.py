@@ -299,3 +299,36 @@ def test_rrdb_input_skip_is_a_residual_and_off_by_default():
     assert "skip" not in plain.config and skip.config["skip"] is True
     with pytest.raises(ValueError, match="rrdb.skip"):
         models.build("rrdb", preset="tiny", skip="yes")
+
+
+@pytest.mark.parametrize("serial", [False, True], ids=["pf", "sf"])
+def test_first_order_module_path_equals_the_functional_meta_gradient(serial):
+    """The CPU fast path (module copy, fused updates) computes the functional first-order meta-gradient."""
+    import copy
+
+    net, tasks = tiny_net(), make_tasks(3)
+    want, ws = meta_gradient(net, tasks, 0.3, serial=serial, second_order=False, use_vmap=False)
+    got, gs = dil.first_order_module(net, copy.deepcopy(net), tasks, 0.3, serial=serial)
+    torch.testing.assert_close(flat(got), flat(want))
+    assert gs["loss"] == pytest.approx(ws["loss"])
+    # the model itself is untouched (theta is read, phi lives in the copy)
+    torch.testing.assert_close(flat(dict(net.named_parameters())), flat(dict(tiny_net().named_parameters())))
+
+
+def test_first_order_strategies_pick_the_module_path_on_cpu_and_train_alike():
+    seen = NOISE[:3]
+    imgs = [torch.rand(3, 24, 24, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    cfg = train.TrainConfig(steps=3, batch_size=2, patch_size=16, lr=1e-3, val_every=0, ckpt_every=0,
+                            progress=False, device="cpu")
+    out = {}
+    for v in (None, False):
+        torch.manual_seed(0)
+        net = models.build("dncnn", preset="tiny")
+        strat = train.build_strategy("dil_pf", n_distortions=2, use_vmap=v)
+        train.fit(net, strat, imgs, seen, cfg)
+        assert (strat._task is not None) == (v is None)
+        out[v] = flat(dict(net.named_parameters()))
+    torch.testing.assert_close(out[None], out[False], rtol=1e-4, atol=1e-6)
+    ps = train.build_strategy("dil_ps")
+    ps.configure(models.build("dncnn", preset="tiny"), cfg)
+    assert ps._task is None and ps._vmap is False  # second order: the functional loop on a CPU
