@@ -647,3 +647,29 @@ def preview(image: torch.Tensor, name: str, degree: float, seed: int = 0) -> tup
     g = torch.Generator(device=image.device).manual_seed(seed)
     out = with_degree(name, degree)(image[None], g)[0]
     return out, psnr(out, image), ssim(out, image)
+
+
+def degree_for_psnr(image: torch.Tensor, name: str, target_db: float, seed: int = 0,
+                    iters: int = 20) -> tuple[float, torch.Tensor, float, float]:
+    """The degree of distortion ``name`` (its main knob, within its ``DEGREES`` range) at which ``image`` scores
+    ``target_db`` PSNR, by bisection on the monotone PSNR(degree) curve (seeded, as :func:`preview`). A target
+    outside the range's PSNRs gives the nearer end. Returns (degree, distorted, PSNR, SSIM): two distortions at
+    the same PSNR, side by side, show how differently the same number can look."""
+    check_number("degree_for_psnr", "target_db", target_db, lo=0)
+    check_number("degree_for_psnr", "iters", iters, lo=1, integer=True)
+    if not isinstance(name, str) or name not in DEGREES:
+        raise KeyError(f"unknown distortion {name!r} for degree_for_psnr; valid names: {', '.join(DEGREES)}")
+    _, lo, hi, _ = DEGREES[name]
+    p_lo, p_hi = preview(image, name, lo, seed)[1], preview(image, name, hi, seed)[1]
+    rising = p_hi > p_lo  # e.g. JPEG quality: more is better
+    a, b = lo, hi
+    for _ in range(iters):
+        mid = (a + b) / 2
+        p = preview(image, name, mid, seed)[1]
+        if (p < target_db) == rising:
+            a = mid
+        else:
+            b = mid
+    deg = (a + b) / 2
+    out, p, s = preview(image, name, deg, seed)
+    return deg, out, p, s

@@ -120,3 +120,21 @@ def test_degree_knobs_and_preview():
         D.with_degree("jpeg", 100)
     with pytest.raises(KeyError, match="valid names"):
         D.with_degree("compose", 1)
+
+
+@pytest.mark.parametrize("name", ["gaussian_noise", "jpeg", "gaussian_blur"])
+def test_degree_for_psnr_finds_the_degree_of_a_reachable_target(name):
+    from causalir import data
+
+    img = data.center_crop(data.embedded_image("chelsea"), 64)
+    lo, hi = D.DEGREES[name][1:3]
+    p_lo, p_hi = (min(D.preview(img, name, v)[1], 60.0) for v in (lo, hi))  # sigma 0: an infinite PSNR
+    target = (p_lo + p_hi) / 2
+    deg, out, p, s = D.degree_for_psnr(img, name, target)
+    assert lo <= deg <= hi and abs(p - target) < 0.3 and out.shape == img.shape
+    # an unreachable target gives the nearer end of the range
+    far = D.degree_for_psnr(img, name, 1.0)[0]  # below every PSNR of the range: the worst end
+    worst = hi if p_hi < p_lo else lo
+    assert abs(far - worst) < 1e-3 * (hi - lo)
+    with pytest.raises(KeyError, match="valid names"):
+        D.degree_for_psnr(img, "bogus", 30.0)
