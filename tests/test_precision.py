@@ -173,7 +173,8 @@ def _case(name):
     return dn, strat, IMGS, two if name.startswith(("backdoor", "confounded")) else SEEN
 
 
-STRATEGIES = ["erm", "paired_mse", "dil_pf", "dil_ps", "dil_sf", "dil_ss", "dil_sf_reference", "confounded_erm",
+STRATEGIES = ["erm", "paired_mse", "dil_pf", "dil_ps", "dil_sf", "dil_ss", "dil_sf_reference", "erm_stratified",
+              "confounded_erm",
               "backdoor_erm", "backdoor_erm_sample", "adms", "sr_x2"]
 
 

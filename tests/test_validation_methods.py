@@ -124,7 +124,9 @@ SPECS = [
         **{k: INT(1) for k in ("batch_size", "budget", "checkpoints", "seeds", "eval_side", "val_side")},
         "patch_size": INT(8), "strategies": [(), ("erm", "dil_zz"), "erm"], "lr": POS(),
         **{k: OPT_POS() for k in ("meta_lr", "ref_inner_lr", "ref_meta_lr")}, "alpha": NONNEG(),
-        **{k: OPT_INT(1) for k in ("n_distortions", "ref_n_distortions")}}),
+        **{k: OPT_INT(1) for k in ("n_distortions", "ref_n_distortions")},
+        "budgets": [(), ("batches", "hours"), "batches"], **{k: INT(0) for k in ("val_tiles", "threads")},
+        "gate_db": [float("nan"), "x"], "run_root": [3, None]}),
     ("BackbonesProfile", dil.PROFILES_BACKBONES["quick"], {"backbones": [{}, {"vgg": {}}, {"rrdb": 3}, None]}),
     ("RLProfile", _Q["rl"], {
         **{k: [None, {"small": (4, 4)}] for k in ("tools", "tool_train", "agent", "dqn", "dncnn_train")},
