@@ -227,6 +227,49 @@ class FAIGAttribution:
     loss_baseline: torch.Tensor
 
 
+def _faig_module_loop(model: nn.Module, baseline_model: nn.Module, pairs, n_steps: int, lf,
+                      kernels_only: bool, method: str) -> "FAIGAttribution":
+    """FAIG (Xie et al. 2021, Eq. 3) on a module copy: at captum's sample points theta(s) = theta_b + s (theta_t -
+    theta_b) (riemann_right: s = k/N, k = 1..N; riemann_left: k = 0..N-1; riemann_middle: (k+1/2)/N), set the
+    copy's weights with two fused multi-tensor ops, backpropagate L and let autograd accumulate the gradients;
+    attr = (theta_t - theta_b) * sum_k grad / N. One forward + backward per step and nothing else: the CPU path."""
+    net = copy.deepcopy(model).eval()
+    params = list(net.parameters())
+    names = [n for n, _ in net.named_parameters()]
+    th_t = [p.detach().clone() for p in model.parameters()]
+    th_b = [p.detach().to(th_t[i].device) for i, p in enumerate(baseline_model.parameters())]
+    diff = torch._foreach_sub(th_t, th_b)
+    offset = {"riemann_right": 1.0, "riemann_left": 0.0, "riemann_middle": 0.5}[method]
+    total = {n: torch.zeros_like(t) for n, t in zip(names, th_t)}
+    per_image, deltas, lt, lb = [], [], [], []
+    for i_img, (x, gt) in enumerate(pairs):
+        for p in params:
+            p.grad = None
+        for k in range(n_steps):
+            s = (k + offset) / n_steps
+            with torch.no_grad():
+                torch._foreach_copy_(params, th_b)
+                torch._foreach_add_(params, diff, alpha=s)
+            out = net(x)
+            if k == 0:
+                _check_output(out, gt, "faig", i_img)
+            lf(out, gt).backward()
+        attr = {n: d * p.grad / n_steps for n, d, p in zip(names, diff, params)}
+        with torch.no_grad():
+            torch._foreach_copy_(params, th_t)
+            l_t = lf(net(x), gt)
+            torch._foreach_copy_(params, th_b)
+            l_b = lf(net(x), gt)
+        for n in names:
+            total[n] += attr[n]
+        per_image.append(kernel_scores(attr, net, kernels_only))
+        deltas.append(sum(a.sum() for a in attr.values()) - (l_t - l_b))
+        lt.append(l_t)
+        lb.append(l_b)
+    return FAIGAttribution({n: v.detach().cpu() for n, v in total.items()}, per_image,
+                           torch.stack(deltas).detach().cpu(), torch.stack(lt).cpu(), torch.stack(lb).cpu())
+
+
 def faig_attributions(target_model: nn.Module, baseline_model: nn.Module, inputs: ImagesLike,
                       references: Optional[ImagesLike], n_steps: int = 100, *, loss: str = "sum_mse",
                       internal_batch_size: Optional[int] = None, kernels_only: bool = True,
@@ -234,7 +277,9 @@ def faig_attributions(target_model: nn.Module, baseline_model: nn.Module, inputs
     """FAIG with captum over the flattened parameter vector, one image at a time, steps vmapped (``vectorize=True``)
     or evaluated one after the other inside captum's forward (``False``: faster on CPU, where the batched-weight
     convolutions that vmap produces become slow grouped convolutions; see benchmarks/bench_faig.py). Default
-    (None): vmap on CUDA, sequential on CPU. Both give the same numbers.
+    (None): vmap on CUDA; on a CPU (Riemann rules) the module loop :func:`_faig_module_loop`, one forward +
+    backward per step and nothing else (captum's bookkeeping over the flattened parameter vector cost 3x the
+    floor there; see ``make bench``). All give the same numbers (tested).
 
     captum's ``riemann_right`` with inputs theta_t and baselines theta_b samples theta_b + s (theta_t - theta_b),
     s = 1/N..1, i.e. FAIG's alpha = 0..(N-1)/N, and weights every step by 1/N (FAIG's mean gradient).
@@ -257,6 +302,8 @@ def faig_attributions(target_model: nn.Module, baseline_model: nn.Module, inputs
     if references is None and loss != "output_sum":
         raise ValueError(f"loss {loss!r} needs references (ground truth); use loss='output_sum' without them")
     pairs = _pairs(inputs, references, device, target_model, "faig")
+    if vectorize is None and device.type != "cuda" and method in ("riemann_right", "riemann_left", "riemann_middle"):
+        return _faig_module_loop(target_model, baseline_model, pairs, n_steps, lf, kernels_only, method)
     names, shapes, theta_t = _flat(target_model)
     _, _, theta_b = _flat(baseline_model)
     theta_b = theta_b.to(device)
