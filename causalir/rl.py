@@ -42,10 +42,14 @@ class AgentConfig:
     conv: int = 24
     fc: int = 32
     lstm: int = 50
+    #: ours, not the reference: LayerNorm on the image feature before the LSTM, so that the image (and not only
+    #: the previous tool) moves the Q-values (an agent without it learned one open-loop chain, issue 12)
+    norm: bool = False
 
     def __post_init__(self) -> None:
         for k in ("conv1", "conv", "fc", "lstm"):
             check_number("AgentConfig", k, getattr(self, k), lo=1, integer=True)
+        check_choice("AgentConfig", "norm", self.norm, (False, True))
 
 
 class ToolAgent(nn.Module):
@@ -60,7 +64,8 @@ class ToolAgent(nn.Module):
         self.features = nn.Sequential(
             nn.Conv2d(3, c1, 9, 2, 4), nn.ReLU(inplace=True), nn.Conv2d(c1, c, 5, 2, 2), nn.ReLU(inplace=True),
             nn.Conv2d(c, c, 5, 2, 2), nn.ReLU(inplace=True), nn.Conv2d(c, c, 5, 2, 2), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * c, cfg.fc), nn.ReLU(inplace=True))
+            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * c, cfg.fc), nn.ReLU(inplace=True),
+            *([nn.LayerNorm(cfg.fc)] if cfg.norm else []))
         self.lstm = nn.LSTM(cfg.fc + N_TOOLS, cfg.lstm, batch_first=True)
         self.head = nn.Linear(cfg.lstm, N_ACTIONS)
 
@@ -412,10 +417,14 @@ class EpisodeReplay:
 
 
 def dqn_loss(agent: ToolAgent, target: ToolAgent, batch: Dict[str, torch.Tensor], gamma: float = 0.99,
-             delta: float = 1.0) -> torch.Tensor:
-    """Huber loss on the TD error over every valid step of the sampled episodes (LSTM unrolled from zero)."""
+             delta: float = 1.0, double: bool = False) -> torch.Tensor:
+    """Huber loss on the TD error over every valid step of the sampled episodes (LSTM unrolled from zero).
+    Target y = r + gamma Q_target(s', a*): a* = argmax Q_target(s', .) (plain DQN) or, with ``double``,
+    a* = argmax Q_online(s', .) (double DQN, van Hasselt et al. 2016: selection and evaluation decoupled, which
+    removes the max operator's upward bias)."""
     check_number("dqn_loss", "gamma", gamma, lo=0, hi=1)
     check_number("dqn_loss", "delta", delta, lo=0, lo_open=True)
+    check_choice("dqn_loss", "double", double, (False, True))
     missing = [k for k in ("obs", "actions", "rewards", "done", "valid") if k not in batch]
     if missing:
         raise ValueError(f"dqn_loss batch: missing {', '.join(missing)} (as EpisodeReplay.sample returns)")
@@ -429,7 +438,11 @@ def dqn_loss(agent: ToolAgent, target: ToolAgent, batch: Dict[str, torch.Tensor]
     with torch.no_grad():
         qt, _ = target(obs, prev)
         nxt = torch.zeros_like(batch["rewards"])
-        nxt[:, :-1] = qt[:, 1:].max(-1).values
+        if double:
+            best = q.detach()[:, 1:].argmax(-1, keepdim=True)
+            nxt[:, :-1] = qt[:, 1:].gather(-1, best)[..., 0]
+        else:
+            nxt[:, :-1] = qt[:, 1:].max(-1).values
         y = batch["rewards"] + gamma * (~batch["done"]).float() * nxt
     qa = q.gather(-1, a.clamp(min=0)[..., None])[..., 0]
     v = batch["valid"]
@@ -459,9 +472,16 @@ class DQNConfig:
     max_steps: int = 3
     end_on_drop: bool = True
     cache_cap: int = 20000
+    #: double DQN targets (see :func:`dqn_loss`); the reference uses plain DQN
+    double: bool = False
+    #: > 0: soft target update after every TD update, theta_target <- (1 - tau) theta_target + tau theta
+    #: (``target_sync`` is then unused); 0: hard copy every ``target_sync`` updates (the reference)
+    tau: float = 0.0
 
     def __post_init__(self) -> None:
         o = "DQNConfig"
+        check_choice(o, "double", self.double, (False, True))
+        check_number(o, "tau", self.tau, lo=0, hi=1)
         for k in ("updates", "batch_episodes", "collect_episodes", "updates_per_collect", "replay", "target_sync",
                   "max_steps"):
             check_number(o, k, getattr(self, k), lo=1, integer=True)
@@ -553,7 +573,8 @@ def train_dqn(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, distorted
         if replay.size < cfg.learn_start:
             continue
         for _ in range(cfg.updates_per_collect):
-            loss = dqn_loss(agent, target, replay.sample(cfg.batch_episodes, gcpu), cfg.gamma, cfg.huber_delta)
+            loss = dqn_loss(agent, target, replay.sample(cfg.batch_episodes, gcpu), cfg.gamma, cfg.huber_delta,
+                            cfg.double)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
@@ -561,7 +582,10 @@ def train_dqn(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, distorted
             opt.step()
             updates += 1
             losses.append(float(loss.detach()))
-            if updates % cfg.target_sync == 0:
+            if cfg.tau > 0:
+                with torch.no_grad():
+                    torch._foreach_lerp_(list(target.parameters()), list(agent.parameters()), cfg.tau)
+            elif updates % cfg.target_sync == 0:
                 target.load_state_dict(agent.state_dict())
             if (cfg.val_every and updates % cfg.val_every == 0) or updates == cfg.updates:
                 rec = {"update": updates, "episodes": episodes, "env_steps": env_steps, "epsilon": round(eps, 3),
@@ -570,7 +594,7 @@ def train_dqn(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, distorted
                        "cache_misses": cache.misses, "wall_time": round(time.perf_counter() - t0, 2)}
                 if vcache is not None:
                     rec["val_psnr"] = evaluate_policy(agent, vcache, cfg.max_steps)
-                    if rec["val_psnr"] > best:
+                    if rec["val_psnr"] >= best:  # ties go to the later agent (trained longer, less epsilon)
                         best, best_state = rec["val_psnr"], copy.deepcopy(agent.state_dict())
                 hist.append(rec)
                 if log is not None:
@@ -583,6 +607,218 @@ def train_dqn(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, distorted
     return {"history": hist, "updates": updates, "episodes": episodes, "env_steps": env_steps,
             "best_val_psnr": None if best == -math.inf else best, "wall_time": round(time.perf_counter() - t0, 2),
             "tool_runs": cache.misses + (vcache.misses if vcache else 0)}
+
+
+# ------------------------------------------------------------- exact chain tree, dynamic programming
+@dataclass
+class ChainTree:
+    """Every decision state of every patch reachable within ``max_steps`` tools: the chain prefixes, expanded
+    breadth first (a state's 12 children are the 12 tools applied to it; a child is terminal when it is the
+    ``max_steps``-th tool or, with ``end_on_drop``, when its PSNR falls below the input's), with
+
+    Q*(s, tool) = r(s, tool) + gamma V*(s')  (V* of a terminal child = 0),  Q*(s, STOP) = 0,
+    V*(s) = max_a Q*(s, a),  r = PSNR(s') - PSNR(s)  (the environment's reward),
+
+    computed bottom-up: the environment is deterministic (tools and 8-bit states), so this is the exact optimal
+    action value of every state, not an estimate."""
+
+    patch: torch.Tensor      # (N,) long: the patch of each state
+    parent: torch.Tensor     # (N,) long: the parent state (-1 at depth 0)
+    action: torch.Tensor     # (N,) long: the tool that led here (-1 at depth 0)
+    depth: torch.Tensor      # (N,) long
+    image: torch.Tensor      # (N,3,p,p) uint8
+    psnr: torch.Tensor       # (N,) float64
+    q: torch.Tensor          # (N,13) float: Q*(s, .)
+    tool_runs: int
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.q.max(1).values
+
+    def sequence(self, idx: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The agent's inputs for states ``idx`` of one depth d: images (B,d+1,3,p,p) in [0,1] along the chain from
+        the input, and the previous tools' one-hots (B,d+1,12)."""
+        d = int(self.depth[idx[0]])
+        if bool((self.depth[idx] != d).any()):
+            raise ValueError("ChainTree.sequence: expected states of one depth")
+        path = [idx]
+        for _ in range(d):
+            path.append(self.parent[path[-1]])
+        path = path[::-1]
+        images = torch.stack([self.image[i] for i in path], 1).float() / 255
+        prev = torch.zeros(len(idx), d + 1, N_TOOLS, device=images.device)
+        for t in range(1, d + 1):
+            prev[:, t] = _onehot_prev(self.action[path[t]])
+        return images, prev
+
+
+def chain_tree(toolbox: Toolbox, clean: torch.Tensor, distorted: torch.Tensor, max_steps: int = 3,
+               gamma: float = 0.99, end_on_drop: bool = True, batch: int = 512) -> ChainTree:
+    """Expand every patch's chain tree and solve it by dynamic programming (see :class:`ChainTree`): about
+    12 + 144 + 1728 tool runs per patch at ``max_steps`` 3, fewer with ``end_on_drop`` (a state whose PSNR fell
+    below the input's ends the episode, as in :func:`rollout`)."""
+    check_batch(clean, "chain_tree clean", nonempty=True)
+    check_batch(distorted, "chain_tree distorted", nonempty=True)
+    check_pair(clean, distorted, "chain_tree clean", "chain_tree distorted")
+    check_number("chain_tree", "max_steps", max_steps, lo=1, integer=True)
+    check_number("chain_tree", "gamma", gamma, lo=0, hi=1)
+    check_choice("chain_tree", "end_on_drop", end_on_drop, (False, True))
+    check_number("chain_tree", "batch", batch, lo=1, integer=True)
+    dev = distorted.device
+    toolbox.eval()
+    x0 = quantize(distorted)
+    p0 = patch_psnr(x0, clean)
+    n = x0.shape[0]
+    patch, parent, action, depth = [torch.arange(n, device=dev)], [torch.full((n,), -1, device=dev)], \
+        [torch.full((n,), -1, device=dev)], [torch.zeros(n, dtype=torch.long, device=dev)]
+    image, psnr = [_u8(x0)], [p0]
+    child_psnr: List[torch.Tensor] = []   # per depth: (states at that depth, 12) PSNR after each tool
+    child_alive: List[torch.Tensor] = []  # ... whether that child is a (non-terminal) state of the next depth
+    runs, start, count = 0, 0, n
+    for d in range(max_steps):
+        lo, hi = start, start + count
+        imgs = torch.cat(image)[lo:hi] if d == 0 else image[-1]
+        pids = torch.cat(patch)[lo:hi] if d == 0 else patch[-1]
+        ys, ps = [], []
+        for b in range(0, count, max(1, batch // N_TOOLS)):
+            par = imgs[b:b + batch // N_TOOLS].float() / 255
+            m = par.shape[0]
+            acts = torch.arange(N_TOOLS, device=dev).repeat(m)
+            y = quantize(toolbox.apply(acts, par.repeat_interleave(N_TOOLS, 0)))
+            runs += m * N_TOOLS
+            gt = clean[pids[b:b + m]].repeat_interleave(N_TOOLS, 0)
+            ps.append(patch_psnr(y, gt).view(m, N_TOOLS))
+            ys.append(_u8(y).view(m, N_TOOLS, *y.shape[1:]))
+        cps = torch.cat(ps)
+        alive = torch.ones_like(cps, dtype=torch.bool) if d + 1 < max_steps else torch.zeros_like(cps, dtype=torch.bool)
+        if end_on_drop:
+            alive &= cps >= p0[pids][:, None]
+        child_psnr.append(cps)
+        child_alive.append(alive)
+        if d + 1 == max_steps:
+            break
+        sel = alive.nonzero()
+        cy = torch.cat(ys)
+        patch.append(pids[sel[:, 0]])
+        parent.append(torch.arange(lo, hi, device=dev)[sel[:, 0]])
+        action.append(sel[:, 1])
+        depth.append(torch.full((len(sel),), d + 1, dtype=torch.long, device=dev))
+        image.append(cy[sel[:, 0], sel[:, 1]])
+        psnr.append(cps[sel[:, 0], sel[:, 1]])
+        start, count = hi, len(sel)
+        if count == 0:
+            break
+    # bottom-up: Q*(s, tool) = r + gamma V*(child) for a child that is a state, r alone for a terminal child
+    cat = lambda xs: torch.cat(xs)  # noqa: E731
+    P, A, D, PS = cat(parent), cat(action), cat(depth), cat(psnr)
+    q = torch.zeros(len(P), N_ACTIONS, dtype=torch.float64, device=dev)
+    offsets = [0]
+    for dd in range(int(D.max()) + 1):
+        offsets.append(offsets[-1] + int((D == dd).sum()))
+    for dd in range(len(offsets) - 2, -1, -1):
+        lo, hi = offsets[dd], offsets[dd + 1]
+        r = child_psnr[dd] - PS[lo:hi, None]
+        q[lo:hi, :N_TOOLS] = r
+        if dd + 1 < len(offsets) - 1:
+            kids = torch.arange(offsets[dd + 1], offsets[dd + 2], device=dev)
+            v = q[kids].max(1).values
+            q[P[kids], A[kids]] += gamma * v
+    return ChainTree(cat(patch), P, A, D, cat(image), PS, q.float(), runs)
+
+
+@dataclass(frozen=True)
+class FQIConfig:
+    """Regression of the agent's Q onto the exact advantages A*(s, a) = Q*(s, a) - V*(s) of the chain tree
+    (:func:`train_fqi`): Adam steps, batch of states, lr, the 8 flips/rotations as augmentation (label-preserving
+    by assumption: the targets are the untransformed patch's), validation every ``val_every`` steps."""
+
+    steps: int = 2000
+    batch: int = 64
+    lr: float = 1e-3
+    augment: bool = True
+    #: Huber loss on the advantage (dB): gains of tens of dB on a lucky patch would dominate an MSE
+    huber_delta: float = 1.0
+    #: advantages below -adv_clip dB are regressed to -adv_clip: the greedy policy needs the best action and the
+    #: ones close to it, not how bad a bad tool is (the best action's advantage is 0, so the argmax is unchanged)
+    adv_clip: float = 5.0
+    val_every: int = 200
+    #: 1: Q* sums the PSNR gains, so V*(input) is the best reachable final PSNR gain (the test-time objective)
+    gamma: float = 1.0
+    max_steps: int = 3
+    end_on_drop: bool = True
+
+    def __post_init__(self) -> None:
+        o = "FQIConfig"
+        for k in ("steps", "batch", "max_steps"):
+            check_number(o, k, getattr(self, k), lo=1, integer=True)
+        check_number(o, "val_every", self.val_every, lo=0, integer=True)
+        check_number(o, "lr", self.lr, lo=0, lo_open=True)
+        check_number(o, "huber_delta", self.huber_delta, lo=0, lo_open=True)
+        check_number(o, "adv_clip", self.adv_clip, lo=0, lo_open=True)
+        check_number(o, "gamma", self.gamma, lo=0, hi=1)
+        for k in ("augment", "end_on_drop"):
+            check_choice(o, k, getattr(self, k), (False, True))
+
+
+def train_fqi(agent: ToolAgent, toolbox: Toolbox, clean: torch.Tensor, distorted: torch.Tensor, cfg: FQIConfig,
+              seed: int = 0, val: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Dict[str, Any]:
+    """A **dynamic-programming stand-in for the paper's DQN**, with the same network and the same greedy test-time
+    behaviour: the environment is deterministic, so the exact Q* of every reachable state of the training patches
+    is computed (:func:`chain_tree`) and the agent regresses the advantages Q* - V*, clipped below at
+    ``-adv_clip`` and divided by it (so the agent's Q is in units of ``adv_clip`` dB; Huber over all 13 actions; the
+    argmax is Q*'s; batches of one depth at a time, every depth equally often). The agent best on ``val`` (greedy final PSNR, ties to the later one) is kept.
+
+    Outside :func:`causalir.train.fit` on purpose: a step is a batch of tree states of one depth (LSTM sequences
+    of that length), not a patch batch, and selection is a policy evaluation."""
+    from .data import dihedral
+
+    if not isinstance(cfg, FQIConfig):
+        raise TypeError(f"train_fqi cfg: expected an FQIConfig, got {type(cfg).__name__}")
+    check_number("train_fqi", "seed", seed, integer=True)
+    dev = next(agent.parameters()).device
+    t0 = time.perf_counter()
+    tree = chain_tree(toolbox, clean.to(dev), distorted.to(dev), cfg.max_steps, cfg.gamma, cfg.end_on_drop)
+    t_tree = time.perf_counter() - t0
+    # targets in [-1, 0]: advantages clipped at -adv_clip dB (the argmax is unchanged) in units of adv_clip, so
+    # that Adam's ~lr-sized steps reach them (targets of -40 dB would take thousands of steps to fit)
+    adv = (tree.q - tree.v[:, None]).clamp(min=-cfg.adv_clip) / cfg.adv_clip
+    by_depth = [(tree.depth == d).nonzero().flatten() for d in range(int(tree.depth.max()) + 1)]
+    weights = torch.tensor([1.0 if len(i) else 0.0 for i in by_depth], dtype=torch.float64)  # depths alike: the
+    # first decision, which the greedy chain depends on most, is 1 state in 157 of a tree
+    g = make_generator(seed)
+    vcache = ChainCache(toolbox, val[0].to(dev), val[1].to(dev)) if val is not None else None
+    opt = make_optimizer(agent.parameters(), TrainConfig(lr=cfg.lr, schedule="constant"))
+    best, best_state, hist, losses = -math.inf, None, [], []
+    agent.train()
+    for step in range(1, cfg.steps + 1):
+        d = int(torch.multinomial(weights, 1, generator=g))
+        pick = by_depth[d][torch.randint(len(by_depth[d]), (cfg.batch,), generator=g).to(dev)]
+        images, prev = tree.sequence(pick)
+        if cfg.augment:
+            t = torch.randint(8, (len(pick),), generator=g).to(dev)
+            b, T = images.shape[:2]
+            images = dihedral(images.transpose(0, 1).flatten(0, 1), t.repeat(T)).view(T, b, *images.shape[2:])
+            images = images.transpose(0, 1)
+        q, _ = agent(images, prev)
+        loss = F.huber_loss(q[:, -1], adv[pick], delta=cfg.huber_delta)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        if (cfg.val_every and step % cfg.val_every == 0) or step == cfg.steps:
+            rec = {"step": step, "loss": float(np.mean(losses[-(cfg.val_every or 1):])),
+                   "wall_time": round(time.perf_counter() - t0, 2)}
+            if vcache is not None:
+                rec["val_psnr"] = evaluate_policy(agent, vcache, cfg.max_steps)
+                if rec["val_psnr"] >= best:  # ties go to the later agent
+                    best, best_state = rec["val_psnr"], copy.deepcopy(agent.state_dict())
+            hist.append(rec)
+    if best_state is not None:
+        agent.load_state_dict(best_state)
+    agent.eval()
+    return {"history": hist, "states": len(tree.depth), "tool_runs": tree.tool_runs, "tree_s": round(t_tree, 2),
+            "oracle_v0": float(tree.v[by_depth[0]].mean()), "best_val_psnr": None if best == -math.inf else best,
+            "wall_time": round(time.perf_counter() - t0, 2)}
 
 
 # --------------------------------------------------------------------------------------- joint tuning

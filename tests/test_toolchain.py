@@ -431,3 +431,94 @@ def test_rl_restore_run_records_patches_and_keeps_models():
     c, d = X.test_patches(4, 0)["mild"]
     mild = [r["psnr"] for r in rows if r["method"] == "input" and r["severity"] == "mild"]
     assert tc.patch_psnr(tc.quantize(d), c).tolist() == pytest.approx(mild)
+
+
+# ------------------------------------------------------------------ exact chain tree, DP, double DQN (issue 12)
+def test_chain_tree_v_star_is_the_exhaustive_oracle_and_its_greedy_policy_reaches_it():
+    torch.manual_seed(0)
+    box = tc.Toolbox(TINY).eval()
+    clean = _clean(3, 16)
+    dist = tc.MixedDistortion("moderate")(clean, torch.Generator().manual_seed(0))
+    tree = rl.chain_tree(box, clean, dist, max_steps=3, gamma=1.0, end_on_drop=False)
+    assert tree.tool_runs == 3 * (12 + 144 + 1728) and len(tree.depth) == 3 * (1 + 12 + 144)
+    ex, _, _ = rl.oracle_chains(box, dist, clean, 3, beam=None)
+    roots = tree.depth == 0
+    p0 = tc.patch_psnr(tc.quantize(dist), clean)
+    # V*(input) with gamma 1 is the best final PSNR gain over every chain of 0..3 tools
+    torch.testing.assert_close(tree.v[roots].double(), tc.patch_psnr(ex, clean) - p0, atol=1e-4, rtol=0)
+    # following argmax Q* from the input replays a chain that earns exactly V*
+    for i in range(3):
+        y, s, gain = tc.quantize(dist[i:i + 1]), i, 0.0
+        for _ in range(3):
+            a = int(tree.q[s].argmax())
+            if a == tc.STOP:
+                break
+            y = tc.quantize(box.apply([a], y))
+            kids = ((tree.parent == s) & (tree.action == a)).nonzero().flatten()
+            s = int(kids[0]) if len(kids) else -1
+            if s < 0:
+                break
+        gain = float(tc.patch_psnr(y, clean[i:i + 1])) - float(p0[i])
+        assert gain == pytest.approx(float(tree.v[i]), abs=1e-4)
+
+
+def test_chain_tree_ends_episodes_on_a_drop_like_the_environment():
+    box = _designed_toolbox()
+    clean, dist = _designed_data(4, 0)
+    full = rl.chain_tree(box, clean, dist, 3, 1.0, end_on_drop=False)
+    pruned = rl.chain_tree(box, clean, dist, 3, 1.0, end_on_drop=True)
+    assert len(pruned.depth) < len(full.depth) and pruned.tool_runs < full.tool_runs
+    assert torch.all(pruned.v[pruned.depth == 0] <= full.v[full.depth == 0] + 1e-5)
+    # every non-root state of the pruned tree is at or above its patch's input PSNR
+    p0 = pruned.psnr[pruned.depth == 0]
+    assert torch.all(pruned.psnr >= p0[pruned.patch] - 1e-9)
+    images, prev = pruned.sequence((pruned.depth == 2).nonzero().flatten()[:3])
+    assert images.shape[1] == 3 and prev.shape == (3, 3, 12) and torch.all(prev[:, 0] == 0)
+
+
+def test_double_dqn_target_uses_the_online_argmax():
+    torch.manual_seed(0)
+    online = rl.ToolAgent(rl.AgentConfig(conv1=4, conv=4, fc=8, lstm=8))
+    target = rl.ToolAgent(rl.AgentConfig(conv1=4, conv=4, fc=8, lstm=8))
+    batch = {"obs": torch.randint(0, 255, (3, 2, 3, 16, 16), dtype=torch.uint8),
+             "actions": torch.tensor([[3, 5], [1, 2], [0, 4]]), "rewards": torch.zeros(3, 2),
+             "done": torch.tensor([[False, True]] * 3), "valid": torch.ones(3, 2, dtype=torch.bool)}
+    obs = batch["obs"].float() / 255
+    prev = torch.zeros(3, 2, 12)
+    prev[:, 1] = rl._onehot_prev(batch["actions"][:, 0])
+    with torch.no_grad():
+        q, _ = online(obs, prev)
+        qt, _ = target(obs, prev)
+    qa = q.gather(-1, batch["actions"][..., None])[..., 0]
+    got = {}
+    for double, nxt in ((False, qt[:, 1].max(-1).values), (True, qt[:, 1].gather(-1, q[:, 1].argmax(-1, keepdim=True))[:, 0])):
+        y = torch.stack([0.9 * nxt, torch.zeros(3)], 1)
+        want = torch.nn.functional.huber_loss(qa, y)
+        got[double] = float(rl.dqn_loss(online, target, batch, gamma=0.9, double=double).detach())
+        assert got[double] == pytest.approx(float(want), rel=1e-5)
+    # the two targets differ here (online and target nets disagree on the argmax), so the check can fail
+    assert not torch.equal(q[:, 1].argmax(-1), qt[:, 1].argmax(-1)) and got[True] != got[False]
+
+
+def test_soft_target_updates_and_the_fqi_agent_restores_on_a_tiny_setting():
+    box = _designed_toolbox()
+    tr, va, te = _designed_data(32, 0), _designed_data(16, 1), _designed_data(32, 2)
+    torch.manual_seed(0)
+    agent = rl.ToolAgent(rl.AgentConfig(conv1=8, conv=8, fc=16, lstm=16, norm=True))
+    out = rl.train_fqi(agent, box, tr[0], tr[1], rl.FQIConfig(steps=300, batch=32, lr=3e-3, val_every=50), seed=0,
+                       val=va)
+    assert len(out["history"]) == 6 and out["states"] > 32 and out["oracle_v0"] > 0
+    greedy = rl.greedy_chains(agent, box, te[1], te[0])
+    gain = greedy.psnr[:, -1] - greedy.psnr[:, 0]
+    # state dependence: the noisy patches (even) are smoothed, the brightened ones (odd) darkened, both gain
+    assert float(gain[::2].mean()) > 2.0 and float(gain[1::2].mean()) > 2.0, gain
+    assert len({tuple(c) for c in greedy.chains}) > 1           # not one chain for every patch
+    cfg = rl.DQNConfig(updates=8, batch_episodes=8, collect_episodes=8, replay=64, learn_start=8, tau=0.5,
+                       double=True, val_every=0, end_on_drop=False)
+    torch.manual_seed(0)
+    a2 = rl.ToolAgent(rl.AgentConfig(conv1=4, conv=4, fc=8, lstm=8))
+    assert rl.train_dqn(a2, box, tr[0], tr[1], cfg, seed=0)["updates"] == 8
+    with pytest.raises(ValueError, match="tau"):
+        rl.DQNConfig(tau=1.5)
+    with pytest.raises(ValueError, match="FQIConfig.steps"):
+        rl.FQIConfig(steps=0)

@@ -88,7 +88,7 @@ _Q = {"rl": rl_restore.PROFILES["quick"], "pr": path_restore.PROFILES["quick"]}
 
 #: (owner shown in messages, a valid instance to modify, {field: [bad values]})
 SPECS = [
-    ("AgentConfig", rl.AgentConfig(), {k: INT(1) for k in ("conv1", "conv", "fc", "lstm")}),
+    ("AgentConfig", rl.AgentConfig(), {**{k: INT(1) for k in ("conv1", "conv", "fc", "lstm")}, "norm": BOOL()}),
     ("DQNConfig", rl.DQNConfig(), {
         **{k: INT(1) for k in ("updates", "batch_episodes", "updates_per_collect", "replay", "target_sync",
                                "max_steps")},
@@ -96,7 +96,11 @@ SPECS = [
         "learn_start": INT(0) + [5000],                             # learning would never start (a hang)
         **{k: INT(0) for k in ("eps_updates", "val_every", "cache_cap")},
         **{k: UNIT() for k in ("gamma", "eps_start", "eps_end")},
-        "lr": POS(), "huber_delta": POS(), "grad_clip": NONNEG(), "end_on_drop": BOOL()}),
+        "lr": POS(), "huber_delta": POS(), "grad_clip": NONNEG(), "end_on_drop": BOOL(), "double": BOOL(),
+        "tau": UNIT()}),
+    ("FQIConfig", rl.FQIConfig(), {
+        **{k: INT(1) for k in ("steps", "batch", "max_steps")}, "val_every": INT(0), "lr": POS(),
+        "huber_delta": POS(), "adv_clip": POS(), "gamma": UNIT(), "augment": BOOL(), "end_on_drop": BOOL()}),
     ("ToolboxConfig", tc.ToolboxConfig(), {k: [(0, 4), (4, 2.5), (4,), (4, 4, 4), "44", None]
                                            for k in ("small", "large")}),
     ("ToolTrainConfig", tc.ToolTrainConfig(), {**{k: INT(1) for k in ("steps", "batch_size", "patch_size", "n_data")},
@@ -220,7 +224,7 @@ def test_every_default_and_every_profile_validates():
             if attr.startswith("PROFILES"):
                 for p in getattr(mod, attr).values():
                     dataclasses.replace(p)          # runs __post_init__ again
-    for cls in (rl.AgentConfig, rl.DQNConfig, tc.ToolboxConfig, tc.ToolTrainConfig, pr.MultiPathConfig,
+    for cls in (rl.AgentConfig, rl.DQNConfig, rl.FQIConfig, tc.ToolboxConfig, tc.ToolTrainConfig, pr.MultiPathConfig,
                 pr.TrainRecipe, bd.ConfoundedERM, bd.BackdoorERM, backdoor_toy.ToyRecipe, dil.DILProfile,
                 adms_rbn.ADMSConfig, dni_denoise.DNIConfig, erm_denoise.RestorationRecipe, faig_srresnet.FAIGConfig):
         cls()
