@@ -726,6 +726,63 @@ def chain_tree(toolbox: Toolbox, clean: torch.Tensor, distorted: torch.Tensor, m
     return ChainTree(cat(patch), P, A, D, cat(image), PS, q.float(), runs)
 
 
+def chain_psnrs(tree: ChainTree) -> Dict[Tuple[int, ...], torch.Tensor]:
+    """From a tree expanded without ``end_on_drop``: chain -> the PSNR of every patch after that fixed chain (0 to
+    ``max_steps`` tools, the empty chain being the input), read off the states (and, for the last tool, off Q*, a
+    terminal child's Q* being its reward)."""
+    n = int((tree.depth == 0).sum())
+    chains: List[Tuple[int, ...]] = [()] * len(tree.depth)
+    for i in range(n, len(tree.depth)):
+        chains[i] = chains[int(tree.parent[i])] + (int(tree.action[i]),)
+    out: Dict[Tuple[int, ...], List[Tuple[int, float]]] = {}
+    for i, ch in enumerate(chains):
+        out.setdefault(ch, []).append((int(tree.patch[i]), float(tree.psnr[i])))
+    last = int(tree.depth.max())
+    for i in (tree.depth == last).nonzero().flatten().tolist():
+        for a in range(N_TOOLS):
+            out.setdefault(chains[i] + (a,), []).append((int(tree.patch[i]), float(tree.psnr[i] + tree.q[i, a])))
+    res = {}
+    for ch, v in out.items():
+        if len(v) == n:  # present for every patch (always, without end_on_drop)
+            v.sort()
+            res[ch] = torch.tensor([p for _, p in v], dtype=torch.float64)
+    return res
+
+
+def best_fixed_chain(toolbox: Toolbox, clean: torch.Tensor, distorted: torch.Tensor, max_steps: int = 3,
+                     beam: Optional[int] = None) -> Tuple[Tuple[int, ...], Dict[str, Any]]:
+    """The one chain of 0..max_steps tools with the best mean PSNR over the patches (choose it on validation
+    patches): the open-loop baseline a state-dependent policy must beat. ``beam`` None: every chain (the tree,
+    12 + 144 + 1728 tool runs per patch); else a beam search over whole chains, keeping the ``beam`` chains with
+    the best mean PSNR at each length (12 + 12 beam + 12 beam runs per patch)."""
+    check_number("best_fixed_chain", "beam", beam, lo=1, integer=True, allow_none=True)
+    if beam is None:
+        tree = chain_tree(toolbox, clean, distorted, max_steps, 1.0, end_on_drop=False)
+        scores, runs = chain_psnrs(tree), tree.tool_runs
+    else:
+        check_batch(clean, "best_fixed_chain clean", nonempty=True)
+        check_pair(clean, distorted, "best_fixed_chain clean", "best_fixed_chain distorted")
+        toolbox.eval()
+        x0 = quantize(distorted)
+        scores, runs = {(): patch_psnr(x0, clean).double()}, 0
+        frontier = {(): x0}
+        for _ in range(max_steps):
+            cand = {}
+            for ch, x in frontier.items():
+                for a in range(N_TOOLS):
+                    y = quantize(toolbox.apply([a] * len(x), x))
+                    runs += len(x)
+                    cand[ch + (a,)] = y
+                    scores[ch + (a,)] = patch_psnr(y, clean).double()
+            keep = sorted(cand, key=lambda c: -float(scores[c].mean()))[:beam]
+            frontier = {c: cand[c] for c in keep}
+    best = max(scores, key=lambda ch: (float(scores[ch].mean()), -len(ch)))
+    top = sorted(scores, key=lambda ch: -float(scores[ch].mean()))[:5]
+    return best, {"chains": len(scores), "tool_runs": runs, "beam": beam, "mean_psnr": float(scores[best].mean()),
+                  "top5": [{"chain": [ACTION_NAMES[a] for a in ch], "psnr": round(float(scores[ch].mean()), 3)}
+                           for ch in top]}
+
+
 @dataclass(frozen=True)
 class FQIConfig:
     """Regression of the agent's Q onto the exact advantages A*(s, a) = Q*(s, a) - V*(s) of the chain tree

@@ -421,13 +421,24 @@ def test_claims_on_a_record_without_per_patch_rows():
 def test_rl_restore_run_records_patches_and_keeps_models():
     tiny = {"tool_train": {"steps": 1, "n_data": 8}, "dncnn_train": {"steps": 1, "n_data": 8},
             "dqn": {"updates": 4, "learn_start": 16, "val_every": 2}, "n_train": 16, "n_val": 4, "n_test": 4,
-            "joint_steps": 1, "joint_batch": 2, "image_side": 63}
+            "joint_steps": 1, "joint_batch": 2, "image_side": 63, "n_fqi": 1, "fixed_beam": 1,
+            "fqi": {"steps": 2, "batch": 4, "max_steps": 2, "val_every": 0}}
     rec = X.run("quick", 0, "cpu", keep_models=True, **tiny)
     rows = rec["tables"]["patch_rows"]
-    assert len(rows) == 7 * 3 * 4 and {"method", "severity", "patch", "psnr", "macs", "chain"} <= set(rows[0])
-    assert set(rec["models"]) == {"toolbox", "agent", "dncnn", "toolbox (joint fine-tuning)"}
+    # 9 methods: input, best single tool, random chain, the DQN agent, the best fixed chain, the DP stand-in,
+    # the oracle, the DnCNN-like CNN, joint fine-tuning
+    assert len(rows) == 9 * 3 * 4 and {"method", "severity", "patch", "psnr", "macs", "chain"} <= set(rows[0])
+    assert set(rec["models"]) == {"toolbox", "agent", "dncnn", "toolbox (joint fine-tuning)", "agent (DP stand-in)"}
     assert isinstance(rec["models"]["agent"], rl.ToolAgent) and rec["config"]["profile"]["n_test"] == 4
-    assert len(rec["claims"]) == 13 and rec["experiment"] == "rl-restore"
+    # 13 claims of the paper's table + ours: each agent against the best fixed chain (and the DP stand-in also
+    # against the best single tool), at every severity
+    assert len(rec["claims"]) == 13 + 3 + 3 + 3 and rec["experiment"] == "rl-restore"
+    fixed = rec["config"]["best_fixed_chain_chosen_on_val"]
+    assert fixed["chains"] == 1 + 12 * 3 and fixed["beam"] == 1 and len(fixed["chain"]) <= 3
+    fixed_rows = [r for r in rows if r["method"].startswith(X.FIXED)]
+    assert len({r["chain"] for r in fixed_rows}) == 1                       # one chain for every patch
+    dp = [c for c in rec["claims"] if c["claim"].startswith(X.FQI_AGENT)]
+    assert all(any(p["name"] == "non-degenerate" for p in c["checks"]) for c in dp)
     c, d = X.test_patches(4, 0)["mild"]
     mild = [r["psnr"] for r in rows if r["method"] == "input" and r["severity"] == "mild"]
     assert tc.patch_psnr(tc.quantize(d), c).tolist() == pytest.approx(mild)
@@ -522,3 +533,26 @@ def test_soft_target_updates_and_the_fqi_agent_restores_on_a_tiny_setting():
         rl.DQNConfig(tau=1.5)
     with pytest.raises(ValueError, match="FQIConfig.steps"):
         rl.FQIConfig(steps=0)
+
+
+def test_best_fixed_chain_is_the_best_open_loop_chain_and_the_dp_agent_can_beat_it():
+    box = _designed_toolbox()
+    clean, dist = _designed_data(8, 3)
+    best, info = rl.best_fixed_chain(box, clean, dist, 2)
+    tree = rl.chain_tree(box, clean, dist, 2, 1.0, end_on_drop=False)
+    scores = rl.chain_psnrs(tree)
+    assert len(scores) == 1 + 12 + 144 and info["chains"] == len(scores)
+    assert all(float(scores[best].mean()) >= float(v.mean()) for v in scores.values())
+    # a beam over whole chains finds a chain no better than the exhaustive one, at a fraction of the tool runs
+    bb, binfo = rl.best_fixed_chain(box, clean, dist, 2, beam=3)
+    assert binfo["tool_runs"] < info["tool_runs"] and binfo["mean_psnr"] <= info["mean_psnr"] + 1e-9
+    torch.testing.assert_close(torch.tensor(binfo["mean_psnr"]), scores[bb].mean().float(), rtol=0, atol=1e-4)
+    # replaying a chain reproduces its per-patch PSNRs
+    ch = (0, 1)
+    y = tc.quantize(dist)
+    for a in ch:
+        y = tc.quantize(box.apply([a] * len(y), y))
+    torch.testing.assert_close(tc.patch_psnr(y, clean), scores[ch])
+    # the state-dependent optimum (V*) beats every open-loop chain on these mixed patches
+    v0 = tree.v[tree.depth == 0].double() + tree.psnr[tree.depth == 0]
+    assert float(v0.mean()) > float(scores[best].mean()) + 1.0

@@ -135,7 +135,8 @@ SPECS = [
     ("RLProfile", _Q["rl"], {
         **{k: [None, {"small": (4, 4)}] for k in ("tools", "tool_train", "agent", "dqn", "dncnn_train")},
         "dncnn": MAPPING(), **{k: INT(1) for k in ("n_train", "n_val", "n_test", "joint_batch", "seeds")},
-        "oracle_beam": OPT_INT(1), "joint_steps": INT(0), "image_side": INT(tc.PATCH)}),
+        "oracle_beam": OPT_INT(1), "joint_steps": INT(0), "image_side": INT(tc.PATCH), "n_fqi": INT(1),
+        "fixed_beam": OPT_INT(1), "fqi": [{"steps": 0}, 3]}),
     ("Profile", _Q["pr"], {
         "net": [None, {"nf": 4}], "recipe": [None, {"lr": 1.0}], "dncnn_steps": INT(0), "eval_side": INT(16),
         "tol_db": NONNEG(), "threads": INT(0), "baseline": CHOICE(),

@@ -22,8 +22,9 @@ import torch
 
 from .. import models
 from ..data import center_crop, embedded_images, embedded_names
-from ..rl import (AgentConfig, DQNConfig, ToolAgent, agent_macs, best_single_tool, chain_macs, greedy_chains,
-                  joint_finetune, oracle_chains, random_chains, restore_image, tool_shares, train_dqn)
+from ..rl import (AgentConfig, DQNConfig, FQIConfig, ToolAgent, agent_macs, best_fixed_chain, best_single_tool,
+                  chain_macs, greedy_chains, joint_finetune, oracle_chains, random_chains, restore_image, tool_shares,
+                  train_dqn, train_fqi)
 from ..toolchain import (ACTION_NAMES, PATCH, SEVERITIES, MixedDistortion, Toolbox, ToolboxConfig, ToolTrainConfig,
                          fit_paired, make_patches, paired_set, patch_psnr, quantize, train_toolbox)
 from ..utils import check_number, make_generator, resolve_device
@@ -43,7 +44,10 @@ PAPER_COST: Dict[str, float] = {"DnCNN params": 6.67e5, "DnCNN MAC/patch": 2.65e
                                 "worst chain MAC": 6.5e8}
 
 AGENT = "RL-Restore (agent)"
+#: the dynamic-programming stand-in for the paper's DQN (same network, same greedy test-time behaviour)
+FQI_AGENT = "RL-Restore (DP stand-in: fitted Q on the exact chain tree)"
 RANDOM = "random chain (3 tools)"
+FIXED = "best fixed chain"
 
 
 @dataclass(frozen=True)
@@ -66,9 +70,18 @@ class RLProfile:
     joint_batch: int = 16
     image_side: int = 126
     seeds: int = 1
+    #: the DP stand-in agent (None: not trained) and the training patches its exact chain tree is built on
+    fqi: Optional[FQIConfig] = None
+    n_fqi: int = 64
+    #: the best fixed chain's search on the val patches: a beam over whole chains (None: every chain)
+    fixed_beam: Optional[int] = 12
 
     def __post_init__(self) -> None:
         o = "RLProfile"
+        if self.fqi is not None and not isinstance(self.fqi, FQIConfig):
+            raise TypeError(f"{o}.fqi: expected an FQIConfig or None, got {self.fqi!r}")
+        check_number(o, "n_fqi", self.n_fqi, lo=1, integer=True)
+        check_number(o, "fixed_beam", self.fixed_beam, lo=1, integer=True, allow_none=True)
         for k, cls in (("tools", ToolboxConfig), ("tool_train", ToolTrainConfig), ("agent", AgentConfig),
                        ("dqn", DQNConfig), ("dncnn_train", ToolTrainConfig)):
             if not isinstance(getattr(self, k), cls):
@@ -91,7 +104,8 @@ PROFILES: Dict[str, RLProfile] = {
                       learn_start=32, lr=1e-3, target_sync=30, eps_updates=90, val_every=30),
         dncnn={"nf": 16, "depth": 6}, dncnn_train=ToolTrainConfig(steps=60, batch_size=8, patch_size=24, n_data=64,
                                                                 lr=3e-3),
-        n_train=64, n_val=16, n_test=16, oracle_beam=1, joint_steps=4, joint_batch=8, image_side=126),
+        n_train=64, n_val=16, n_test=16, oracle_beam=1, joint_steps=4, joint_batch=8, image_side=126,
+        fqi=FQIConfig(steps=60, batch=32, lr=3e-3, val_every=30), n_fqi=4, fixed_beam=3),
     "medium": RLProfile(
         tools=ToolboxConfig(),
         tool_train=ToolTrainConfig(steps=600, batch_size=16, patch_size=32, n_data=640, lr=2e-3),
@@ -165,6 +179,14 @@ def run(profile: str = "quick", seed: int = 0, device: str = "auto", keep_models
     agent = ToolAgent(P.agent).to(dev)
     dqn = train_dqn(agent, box, tr_c, tr_d, P.dqn, seed, val=(va_c, va_d))
     timings["agent"] = time.perf_counter() - t1
+    fixed, fixed_info = best_fixed_chain(box, va_c, va_d, P.dqn.max_steps, P.fixed_beam)  # open loop, on val
+    agent_f, fqi = None, None
+    if P.fqi is not None:
+        t1 = time.perf_counter()
+        torch.manual_seed(seed)
+        agent_f = ToolAgent(P.agent).to(dev)
+        fqi = train_fqi(agent_f, box, tr_c[:P.n_fqi], tr_d[:P.n_fqi], P.fqi, seed, val=(va_c, va_d))
+        timings["agent_fqi"] = time.perf_counter() - t1
 
     # ---- costs
     tool_macs = box.macs(PATCH)
@@ -187,6 +209,7 @@ def run(profile: str = "quick", seed: int = 0, device: str = "auto", keep_models
                     for i, (p, mm, c) in enumerate(zip(ps, m, ch)))
 
     single_name = f"best single tool ({ACTION_NAMES[single]})"
+    fixed_name = f"{FIXED} ({_chain(fixed) or 'none'})"
     dncnn_name = f"DnCNN-like ({P.dncnn['depth']}x{P.dncnn['nf']})"
     for sev, (c, d) in test.items():
         add("input", sev, d, c, 0.0)
@@ -197,6 +220,15 @@ def run(profile: str = "quick", seed: int = 0, device: str = "auto", keep_models
         add(AGENT, sev, ep.steps[-1], c, chain_macs(ep.actions, tool_macs, a_mac),
             [_chain(r) for r in ep.actions.tolist()])
         shares[sev] = tool_shares(ep.actions)
+        y = quantize(d)
+        for a in fixed:
+            y = quantize(box.apply([a] * len(y), y))
+        add(fixed_name, sev, y, c, float(sum(tool_macs[a] for a in fixed)), [_chain(fixed)] * len(d))
+        if agent_f is not None:
+            ef = greedy_chains(agent_f, box, d, c, P.fqi.max_steps)
+            add(FQI_AGENT, sev, ef.steps[-1], c, chain_macs(ef.actions, tool_macs, a_mac),
+                [_chain(r) for r in ef.actions.tolist()])
+            shares[f"{sev} (DP stand-in)"] = tool_shares(ef.actions)
         examples[sev] = [{"patch": i, "tools": [ACTION_NAMES[a] for a in ep.actions[i].tolist() if a >= 0],
                           "psnr": [round(float(v), 2) for v in ep.psnr[i].tolist()]} for i in range(4)]
         ob, och, runs = oracle_chains(box, d, c, P.dqn.max_steps, P.oracle_beam)
@@ -268,6 +300,7 @@ def run(profile: str = "quick", seed: int = 0, device: str = "auto", keep_models
               "train": "moderate only (tools: own band); mild and severe unseen",
               "images": {"train": embedded_names("train"), "val": embedded_names("val"), "test": names_},
               "best_single_tool_chosen_on_val": ACTION_NAMES[single],
+              "best_fixed_chain_chosen_on_val": {**fixed_info, "chain": [ACTION_NAMES[a] for a in fixed]},
               "val_single_tool_psnr": dict(zip(ACTION_NAMES, single_scores))}
     tables = {"patch_psnr": table.reset_index().to_dict(orient="records"),
               "patch_summary": summary.to_dict(orient="records"),
@@ -279,12 +312,13 @@ def run(profile: str = "quick", seed: int = 0, device: str = "auto", keep_models
               "tool_shares": shares, "examples": examples, "oracle": oracle_info}
     kept = None
     if keep_models:
-        kept = {"toolbox": box, "agent": agent, "dncnn": dncnn}
+        kept = {"toolbox": box, "agent": agent, "dncnn": dncnn, **({"agent (DP stand-in)": agent_f} if agent_f else {})}
         if box_j is not None:
             kept["toolbox (joint fine-tuning)"] = box_j
     return envelope(NAME, profile, config=config, tables=tables, claims=claims({"config": config, "tables": tables}),
                     device=device, started=started, models=kept, params=params,
                     macs={"tools": tool_macs, "agent_per_step": a_mac, "DnCNN": dn_mac}, tools=tool_recs, dqn=dqn,
+                    fqi=fqi,
                     joint=joint, timings_s={k: round(v, 1) for k, v in timings.items()})
 
 
@@ -300,6 +334,8 @@ class _Evidence:
     single: str
     dncnn: str
     examples: Dict[str, List[Mapping[str, Any]]] = field(default_factory=dict)
+    fixed: Optional[str] = None          # the best fixed chain's method name (records before it: None)
+    methods: Tuple[str, ...] = ()
 
     def units(self, method: str, sev: str) -> Optional[List[float]]:
         if self.rows is None:
@@ -315,12 +351,12 @@ class _Evidence:
     def restorer(self, method: str, sev: str) -> C.Precondition:
         return C.restorer(method, self.psnr[(method, sev)], self.psnr[("input", sev)], where=sev)
 
-    def agent_policy(self, sevs: Sequence[str]) -> C.Precondition:
+    def agent_policy(self, sevs: Sequence[str], agent: str = AGENT) -> C.Precondition:
         """The agent's chains (action sequences) over the test patches of ``sevs``: one chain everywhere is no
         policy. Older records have no per-patch chains: their four example patches per severity stand in."""
         if self.rows is not None:
-            chains = [r["chain"] for s in sevs for r in C.rows_where(self.rows, method=AGENT, severity=s)]
-            return C.non_degenerate(chains, "agent's toolchain policy")
+            chains = [r["chain"] for s in sevs for r in C.rows_where(self.rows, method=agent, severity=s)]
+            return C.non_degenerate(chains, f"{agent}'s toolchain policy")
         chains = ["+".join(e["tools"]) for s in sevs for e in self.examples.get(s, [])]
         return C.non_degenerate(chains, "agent's toolchain policy (example patches only)")
 
@@ -333,7 +369,8 @@ def _evidence(record: Mapping[str, Any]) -> _Evidence:
     methods = list(dict.fromkeys(r["method"] for r in summary))
     single = next(m for m in methods if m.startswith("best single"))
     dncnn = next(m for m in methods if m.startswith("DnCNN"))
-    return _Evidence(t.get("patch_rows"), psnr, macs, single, dncnn, t.get("examples", {}))
+    fixed = next((m for m in methods if m.startswith(FIXED)), None)
+    return _Evidence(t.get("patch_rows"), psnr, macs, single, dncnn, t.get("examples", {}), fixed, tuple(methods))
 
 
 def claims(record: Mapping[str, Any]) -> List[C.Claim]:
@@ -371,6 +408,19 @@ def claims(record: Mapping[str, Any]) -> List[C.Claim]:
                             units=ev.diffs(AGENT, RANDOM, sev), unit="patches",
                             require=[ev.restorer(AGENT, sev), ev.agent_policy([sev])], source=SOURCE,
                             note="paired per-patch gaps; the random chain is a control, not required to restore"))
+    # ours (issue 12): state dependence. An agent that beats the best *fixed* chain chosen on validation uses the
+    # patch, not only a good open-loop recipe; both agents, where present, at every severity
+    for agent in (a for a in (AGENT, FQI_AGENT) if a in ev.methods):
+        for base in (b for b in (ev.fixed, ev.single) if b is not None and not (agent == AGENT and b == ev.single)):
+            for sev in SEVERITIES:
+                out.append(C.effect(f"{agent} beats the {base.split(' (')[0]}, {sev} (dB)", None,
+                                    seeds=[ev.psnr[(agent, sev)] - ev.psnr[(base, sev)]],
+                                    units=ev.diffs(agent, base, sev), unit="patches",
+                                    require=[ev.restorer(agent, sev), ev.restorer(base, sev),
+                                             ev.agent_policy([sev], agent)], source=SOURCE,
+                                    note=f"ours: {base}, chosen on the val patches; paired per-patch gaps"
+                                         + ("; the agent is a DP stand-in for the paper's DQN" if agent == FQI_AGENT
+                                            else "")))
     paper_saving = 1 - PAPER_COST["worst chain MAC"] / PAPER_COST["DnCNN MAC/patch"]
     sevs = list(SEVERITIES)
     dn_mac = float(np.mean([ev.macs[(ev.dncnn, s)] for s in sevs]))
