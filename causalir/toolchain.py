@@ -252,13 +252,22 @@ N_ACTIONS = N_TOOLS + 1
 ACTION_NAMES = tuple(s.name for s in TOOL_SPECS) + ("STOP",)
 
 
+#: tool activations: the reference's ReLU, or LeakyReLU(0.1) (ours), which cannot die: with ReLU every
+#: second-layer unit of a third of the medium tools died in training and the tool became x + a constant
+ACTIVATIONS = ("relu", "leaky")
+
+
+def _act(kind: str, inplace: bool = True) -> nn.Module:
+    return nn.ReLU(inplace=inplace) if kind == "relu" else nn.LeakyReLU(0.1, inplace=inplace)
+
+
 class SmallTool(nn.Module):
     """conv 9x9 3->c1, ReLU, conv 5x5 c1->c2, ReLU, conv 5x5 c2->3; y = x + f(x). Reference widths (32, 16)."""
 
-    def __init__(self, c1: int = 32, c2: int = 16) -> None:
+    def __init__(self, c1: int = 32, c2: int = 16, act: str = "relu") -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(3, c1, 9, padding=4), nn.ReLU(inplace=True),
-                                  nn.Conv2d(c1, c2, 5, padding=2), nn.ReLU(inplace=True),
+        self.body = nn.Sequential(nn.Conv2d(3, c1, 9, padding=4), _act(act),
+                                  nn.Conv2d(c1, c2, 5, padding=2), _act(act),
                                   nn.Conv2d(c2, 3, 5, padding=2))
         self.body[-1].weight.data.mul_(0.1)
         self.body[-1].bias.data.zero_()
@@ -271,12 +280,12 @@ class LargeTool(nn.Module):
     """8 convs: 5x5 3->c1, ReLU, 1x1 c1->c2 (= s), two units t <- s + conv3(ReLU(conv3(ReLU(t)))), 1x1 c2->c1,
     ReLU, 5x5 c1->3; y = x + f(x). Reference widths (64, 32)."""
 
-    def __init__(self, c1: int = 64, c2: int = 32, units: int = 2) -> None:
+    def __init__(self, c1: int = 64, c2: int = 32, units: int = 2, act: str = "relu") -> None:
         super().__init__()
-        self.head = nn.Sequential(nn.Conv2d(3, c1, 5, padding=2), nn.ReLU(inplace=True), nn.Conv2d(c1, c2, 1))
-        self.units = nn.ModuleList(nn.Sequential(nn.ReLU(), nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(inplace=True),
+        self.head = nn.Sequential(nn.Conv2d(3, c1, 5, padding=2), _act(act), nn.Conv2d(c1, c2, 1))
+        self.units = nn.ModuleList(nn.Sequential(_act(act, False), nn.Conv2d(c2, c2, 3, padding=1), _act(act),
                                                  nn.Conv2d(c2, c2, 3, padding=1)) for _ in range(units))
-        self.tail = nn.Sequential(nn.Conv2d(c2, c1, 1), nn.ReLU(inplace=True), nn.Conv2d(c1, 3, 5, padding=2))
+        self.tail = nn.Sequential(nn.Conv2d(c2, c1, 1), _act(act), nn.Conv2d(c1, 3, 5, padding=2))
         self.tail[-1].weight.data.mul_(0.1)
         self.tail[-1].bias.data.zero_()
 
@@ -294,10 +303,12 @@ class ToolboxConfig:
 
     small: Tuple[int, int] = (32, 16)
     large: Tuple[int, int] = (64, 32)
+    act: str = "relu"
 
     def __post_init__(self) -> None:
         for k in ("small", "large"):
             check_widths("ToolboxConfig", k, getattr(self, k), 2)
+        check_choice("ToolboxConfig", "act", self.act, ACTIVATIONS)
 
 
 def check_widths(owner: str, name: str, value: Any, n: int) -> None:
@@ -322,8 +333,8 @@ class Toolbox(nn.Module):
         if not isinstance(cfg, ToolboxConfig):
             raise TypeError(f"Toolbox cfg: expected a ToolboxConfig, got {type(cfg).__name__}")
         self.cfg = cfg
-        self.tools = nn.ModuleList(SmallTool(*cfg.small) if s.arch == "small" else LargeTool(*cfg.large)
-                                   for s in TOOL_SPECS)
+        self.tools = nn.ModuleList(SmallTool(*cfg.small, act=cfg.act) if s.arch == "small" else
+                                   LargeTool(*cfg.large, act=cfg.act) for s in TOOL_SPECS)
 
     def forward(self, x: torch.Tensor, tool: int) -> torch.Tensor:
         check_number("Toolbox.forward", "tool", tool, lo=0, hi=N_TOOLS - 1, integer=True)
@@ -397,6 +408,8 @@ class ToolTrainConfig:
     n_data: int = 512
     lr: float = 1e-3
     extra: float = 0.5
+    #: clip the gradient norm (0 = off): with ReLU tools a large early step is what kills the units
+    grad_clip: float = 0.0
 
     def __post_init__(self) -> None:
         o = "ToolTrainConfig"
@@ -404,6 +417,7 @@ class ToolTrainConfig:
             check_number(o, k, getattr(self, k), lo=1, integer=True)
         check_number(o, "lr", self.lr, lo=0, lo_open=True)
         check_number(o, "extra", self.extra, lo=0, hi=1)
+        check_number(o, "grad_clip", self.grad_clip, lo=0)
 
 
 def paired_set(images: Sequence[torch.Tensor], spec_or_severity, n: int, patch: int, seed: int,
@@ -443,8 +457,26 @@ def fit_paired(model: nn.Module, clean: torch.Tensor, dist: torch.Tensor, cfg: T
 
     strat = train.PairedMSE(clean, dist)
     tcfg = train.TrainConfig(steps=cfg.steps, batch_size=cfg.batch_size, patch_size=max(8, clean.shape[-1]),
-                             lr=cfg.lr, loss="l2", seed=seed, device=str(device), progress=False)
+                             lr=cfg.lr, loss="l2", seed=seed, device=str(device), progress=False,
+                             grad_clip=cfg.grad_clip)
     return train.fit(model, strat, None, (), tcfg)
+
+
+def tool_gains(box: "Toolbox", images: Sequence[torch.Tensor], n: int = 64, patch: int = 32,
+               seed: int = 0) -> List[Dict[str, Any]]:
+    """Each tool's PSNR gain on ``n`` patches of its own band (drawn from ``images``, e.g. the validation photos;
+    8-bit in and out): tool(y) vs y. A tool that gains nothing is dead (an identity, or x + a constant that the
+    8-bit rounding removes)."""
+    out = []
+    for spec in TOOL_SPECS:
+        clean, dist = paired_set(images, spec, n, patch, 7000 + seed * 100 + spec.index, extra=0.0)
+        y = quantize(dist)
+        with torch.no_grad():
+            gain = patch_psnr(quantize(box.apply([spec.index] * n, y)), clean) - patch_psnr(y, clean)
+        out.append({"tool": spec.name, "band": list(spec.band), "gain_db": round(float(gain.mean()), 4),
+                    "gain_se": round(float(gain.std() / n ** 0.5) if n > 1 else 0.0, 4), "n": n,
+                    "per_patch": [round(float(v), 4) for v in gain.tolist()]})
+    return out
 
 
 def train_toolbox(box: Toolbox, images: Sequence[torch.Tensor], cfg: ToolTrainConfig, seed: int = 0,

@@ -431,8 +431,8 @@ def test_rl_restore_run_records_patches_and_keeps_models():
     assert set(rec["models"]) == {"toolbox", "agent", "dncnn", "toolbox (joint fine-tuning)", "agent (DP stand-in)"}
     assert isinstance(rec["models"]["agent"], rl.ToolAgent) and rec["config"]["profile"]["n_test"] == 4
     # 13 claims of the paper's table + ours: each agent against the best fixed chain (and the DP stand-in also
-    # against the best single tool), at every severity
-    assert len(rec["claims"]) == 13 + 3 + 3 + 3 and rec["experiment"] == "rl-restore"
+    # against the best single tool), at every severity, and that every tool restores its own band
+    assert len(rec["claims"]) == 13 + 3 + 3 + 3 + 1 and rec["experiment"] == "rl-restore"  # + the tool gains
     fixed = rec["config"]["best_fixed_chain_chosen_on_val"]
     assert fixed["chains"] == 1 + 12 * 3 and fixed["beam"] == 1 and len(fixed["chain"]) <= 3
     fixed_rows = [r for r in rows if r["method"].startswith(X.FIXED)]
@@ -556,3 +556,26 @@ def test_best_fixed_chain_is_the_best_open_loop_chain_and_the_dp_agent_can_beat_
     # the state-dependent optimum (V*) beats every open-loop chain on these mixed patches
     v0 = tree.v[tree.depth == 0].double() + tree.psnr[tree.depth == 0]
     assert float(v0.mean()) > float(scores[best].mean()) + 1.0
+
+
+def test_tool_gains_flag_an_identity_and_the_leaky_recipe_trains_a_live_tool():
+    from causalir import data
+
+    val = data.embedded_images("val")
+    torch.manual_seed(0)
+    box = tc.Toolbox(tc.ToolboxConfig(small=(8, 4), large=(8, 4), act="leaky"))
+    with torch.no_grad():                       # every tool starts as the identity (last conv zeroed)
+        for t in box.tools:
+            last = [m for m in t.modules() if isinstance(m, nn.Conv2d)][-1]
+            last.weight.zero_()
+            last.bias.zero_()
+    before = {g["tool"]: g["gain_db"] for g in tc.tool_gains(box, val, 8, 32)}
+    assert all(v == 0.0 for v in before.values())              # an identity gains exactly nothing
+    spec = tc.TOOL_SPECS[7]                                     # denoise-4: sigma 37.5-50
+    c, d = tc.paired_set(data.embedded_images("train"), spec, 64, 32, 0)
+    tc.fit_paired(box.tools[7], c, d, tc.ToolTrainConfig(steps=200, batch_size=8, lr=3e-3, grad_clip=1.0), 0)
+    after = {g["tool"]: g for g in tc.tool_gains(box, val, 8, 32)}
+    assert after[spec.name]["gain_db"] > 0.1 + 2 * after[spec.name]["gain_se"], after[spec.name]
+    assert any(isinstance(m, nn.LeakyReLU) for m in box.tools[7].modules())
+    with pytest.raises(ValueError, match="ToolboxConfig.act"):
+        tc.ToolboxConfig(act="gelu")

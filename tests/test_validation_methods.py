@@ -101,10 +101,10 @@ SPECS = [
     ("FQIConfig", rl.FQIConfig(), {
         **{k: INT(1) for k in ("steps", "batch", "max_steps")}, "val_every": INT(0), "lr": POS(),
         "huber_delta": POS(), "adv_clip": POS(), "gamma": UNIT(), "augment": BOOL(), "end_on_drop": BOOL()}),
-    ("ToolboxConfig", tc.ToolboxConfig(), {k: [(0, 4), (4, 2.5), (4,), (4, 4, 4), "44", None]
-                                           for k in ("small", "large")}),
+    ("ToolboxConfig", tc.ToolboxConfig(), {**{k: [(0, 4), (4, 2.5), (4,), (4, 4, 4), "44", None]
+                                              for k in ("small", "large")}, "act": CHOICE()}),
     ("ToolTrainConfig", tc.ToolTrainConfig(), {**{k: INT(1) for k in ("steps", "batch_size", "patch_size", "n_data")},
-                                               "lr": POS(), "extra": UNIT()}),
+                                               "lr": POS(), "extra": UNIT(), "grad_clip": NONNEG()}),
     ("MultiPathConfig", pr.MultiPathConfig(), {
         "nf": INT(1), "num_blocks": INT(1), "pf_hidden": INT(1), "global_skip": BOOL(),
         "path_blocks": [(1, 2), (0,), (0, 0), (0, -1), (0, 1.5), "01", None],

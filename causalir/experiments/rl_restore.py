@@ -26,7 +26,7 @@ from ..rl import (AgentConfig, DQNConfig, FQIConfig, ToolAgent, agent_macs, best
                   chain_macs, greedy_chains, joint_finetune, oracle_chains, random_chains, restore_image, tool_shares,
                   train_dqn, train_fqi)
 from ..toolchain import (ACTION_NAMES, PATCH, SEVERITIES, MixedDistortion, Toolbox, ToolboxConfig, ToolTrainConfig,
-                         fit_paired, make_patches, paired_set, patch_psnr, quantize, train_toolbox)
+                         fit_paired, make_patches, paired_set, patch_psnr, quantize, tool_gains, train_toolbox)
 from ..utils import check_number, make_generator, resolve_device
 from . import claims as C
 from .profiles import select
@@ -160,6 +160,7 @@ def run(profile: str = "quick", seed: int = 0, device: str = "auto", keep_models
     torch.manual_seed(seed)
     box = Toolbox(P.tools).to(dev)
     tool_recs = train_toolbox(box, train_imgs, P.tool_train, seed, dev)
+    gains = tool_gains(box, val_imgs, P.n_val, P.tool_train.patch_size, seed)  # each tool on its own band (val)
     timings["tools"] = time.perf_counter() - t0
 
     t1 = time.perf_counter()
@@ -309,7 +310,7 @@ def run(profile: str = "quick", seed: int = 0, device: str = "auto", keep_models
               "image_rows": img_df.to_dict(orient="records"),
               "cost": cost.reset_index().rename(columns={"index": "method"}).to_dict(orient="records"),
               "paper": PAPER, "paper_cost": PAPER_COST,
-              "tool_shares": shares, "examples": examples, "oracle": oracle_info}
+              "tool_shares": shares, "examples": examples, "oracle": oracle_info, "tool_gains": gains}
     kept = None
     if keep_models:
         kept = {"toolbox": box, "agent": agent, "dncnn": dncnn, **({"agent (DP stand-in)": agent_f} if agent_f else {})}
@@ -421,6 +422,13 @@ def claims(record: Mapping[str, Any]) -> List[C.Claim]:
                                     note=f"ours: {base}, chosen on the val patches; paired per-patch gaps"
                                          + ("; the agent is a DP stand-in for the paper's DQN" if agent == FQI_AGENT
                                             else "")))
+    gains = record["tables"].get("tool_gains")
+    if gains:  # ours: a toolbox with a dead tool (an identity on its own band) is not the paper's toolbox
+        worst = min(gains, key=lambda g: g["gain_db"])
+        out.append(C.effect("every tool restores its own band (the smallest tool gain on val patches, dB)", None,
+                            units=worst["per_patch"], unit="patches", source=SOURCE, note=f"ours: the weakest tool is {worst['tool']}; "
+                                                f"{sum(g['gain_db'] < 0.1 for g in gains)} of {len(gains)} tools gain "
+                                                "< 0.1 dB"))
     paper_saving = 1 - PAPER_COST["worst chain MAC"] / PAPER_COST["DnCNN MAC/patch"]
     sevs = list(SEVERITIES)
     dn_mac = float(np.mean([ev.macs[(ev.dncnn, s)] for s in sevs]))
