@@ -557,9 +557,15 @@ class TrainRecipe:
     temperature: float = 1.0
     entropy_coef: float = 0.01         # on normalised advantages [assumption: keeps the policy from collapsing]
     normalize_adv: bool = True
+    #: ours (issue 12): pathfinder steps on the *frozen* stage-I network before stage II (0 = none, the
+    #: reference), each with ``pf_samples`` routings sampled per region and a leave-one-out baseline
+    pf_steps: int = 0
+    pf_samples: int = 4
 
     def __post_init__(self) -> None:
         o = "TrainRecipe"
+        check_number(o, "pf_steps", self.pf_steps, lo=0, integer=True)
+        check_number(o, "pf_samples", self.pf_samples, lo=2, integer=True)
         check_choice(o, "baseline", self.baseline, ("greedy", "mean", "none"))
         check_number(o, "stage1_steps", self.stage1_steps, lo=0, integer=True)
         check_number(o, "stage2_steps", self.stage2_steps, lo=0, integer=True)
@@ -676,6 +682,64 @@ def train_stage2(model: PathRestore, sampler, distort: Callable, recipe: TrainRe
         if log is not None and (step % 25 == 0 or step == recipe.stage2_steps - 1):
             log.append({"stage": 2, "p": p, "step": step, "loss": float(loss.detach()),
                         "complex_paths": float((ro.actions > 0).float().sum(1).mean())})
+    return model
+
+
+def loo_baseline(returns: torch.Tensor, k: int) -> torch.Tensor:
+    """Leave-one-out baseline for K sampled routings of each region: ``returns`` (K*B, N), the K samples stacked
+    as K blocks of B regions; b = the mean return of the region's *other* K-1 samples at the same block. It does
+    not depend on the sample it is subtracted from, so the estimate stays unbiased."""
+    check_number("loo_baseline", "k", k, lo=2, integer=True)
+    if not isinstance(returns, torch.Tensor) or returns.dim() != 2 or returns.shape[0] % k:
+        got = tuple(returns.shape) if isinstance(returns, torch.Tensor) else type(returns).__name__
+        raise ValueError(f"loo_baseline returns: expected (K*B, N) with K={k} samples per region, got {got}")
+    r = returns.view(k, -1, returns.shape[1])
+    return ((r.sum(0, keepdim=True) - r) / (k - 1)).reshape(returns.shape)
+
+
+def train_pathfinder(model: PathRestore, sampler, distort: Callable, recipe: TrainRecipe, p: float,
+                     gen: torch.Generator, log: Optional[List[dict]] = None) -> PathRestore:
+    """The pathfinder alone, on the frozen network (``recipe.pf_steps`` steps): per region K = ``pf_samples``
+    sampled routings, per-block returns-to-go of the difficulty-regulated reward (the FLOPs penalty of each
+    block's own choice and everything after it, the quality term at the end), a leave-one-out baseline
+    (:func:`loo_baseline`), REINFORCE with entropy. With one shared reward for four blocks and one sample per
+    region the reference's joint stage went to an extreme (all-long or all-bypass); K samples per region cut the
+    variance, and a fixed network cannot co-adapt with the policy.
+
+    A plain loop outside :func:`causalir.train.fit` on purpose, like :func:`train_stage2`: the update is a
+    policy gradient on routings sampled from the model itself, on a parameter subset."""
+    _check_stage("train_pathfinder", model, sampler, distort, recipe)
+    check_number("train_pathfinder", "p", p, lo=0)
+    net = [q for n, q in model.named_parameters() if not n.startswith("pathfinder.")]
+    was = [q.requires_grad for q in net]
+    for q in net:
+        q.requires_grad_(False)
+    opt_pf, _ = _adam_cosine(model.pathfinder.parameters(), recipe.pf_lr, recipe.pf_steps, schedule=False)
+    k = recipe.pf_samples
+    model.train()
+    try:
+        for step in range(recipe.pf_steps):
+            clean = sampler.sample(gen)
+            noisy = distort(clean, gen)
+            x, c = noisy.repeat(k, 1, 1, 1), clean.repeat(k, 1, 1, 1)
+            ro = model.rollout(x, "sample", generator=gen, temperature=recipe.temperature)
+            with torch.no_grad():
+                mse_out, mse_in = per_sample_mse(ro.output, c), per_sample_mse(x, c)
+                gmse = per_sample_mse(model.rollout(noisy, "greedy").output, clean).repeat(k)
+            rew = difficulty_rewards(ro.actions, mse_in, mse_out, p, recipe.l0, model.cfg.path_blocks, gmse)
+            ret = returns_to_go(rew, recipe.gamma)
+            pg = reinforce_loss(ro.log_probs, ret, loo_baseline(ret, k), ro.entropy, recipe.entropy_coef,
+                                recipe.normalize_adv)
+            opt_pf.zero_grad(set_to_none=True)
+            pg.backward()
+            opt_pf.step()
+            if log is not None and (step % 25 == 0 or step == recipe.pf_steps - 1):
+                log.append({"stage": "pathfinder (frozen network)", "p": p, "step": step,
+                            "complex_paths": float((ro.actions > 0).float().sum(1).mean()),
+                            "reward": float(ret[:, 0].mean())})
+    finally:
+        for q, w in zip(net, was):
+            q.requires_grad_(w)
     return model
 
 
@@ -854,7 +918,10 @@ def train_task(task: Task, net: MultiPathConfig, recipe: TrainRecipe, p_values: 
     for k, p in enumerate(p_values):
         t0 = time.perf_counter()
         m = copy.deepcopy(s1)
-        train_stage2(m, sampler, distort, recipe, p, make_generator(seed + 7919 * (k + 1), device), log)
+        g = make_generator(seed + 7919 * (k + 1), device)
+        if recipe.pf_steps:  # the pathfinder on the frozen network first, then joint fine-tuning (stage II)
+            train_pathfinder(m, sampler, distort, recipe, p, g, log)
+        train_stage2(m, sampler, distort, recipe, p, g, log)
         by_p[p] = m.eval()
         wall[f"stage2 p={p:g}"] = time.perf_counter() - t0
     return TaskRun(task, dn, s1, by_p, log, wall)

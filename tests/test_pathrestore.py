@@ -239,16 +239,19 @@ def test_clear_errors(model):
         pr.tasks(["sr"])
 
 
-def test_training_stages_run_and_change_weights():
+def _tiny_training(batch: int):
+    """A 2-block, 4-feature Path-Restore, a patch sampler over two random images and a noise range."""
     from causalir import data, distortions as D
 
     torch.manual_seed(0)
     cfg = pr.MultiPathConfig(nf=4, num_blocks=2, global_skip=True)
-    m = pr.PathRestore(cfg)
     imgs = [torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    s = data.PatchSampler(imgs, 16, 4, "cpu")
+    return cfg, pr.PathRestore(cfg), data.PatchSampler(imgs, 16, batch, "cpu"), D.GaussianNoise((0.0, 50.0))
+
+
+def test_training_stages_run_and_change_weights():
+    cfg, m, s, noise = _tiny_training(4)
     rec = pr.TrainRecipe(stage1_steps=3, stage2_steps=3, batch_size=4, patch_size=16)
-    noise = D.GaussianNoise((0.0, 50.0))
     pf0 = [p.clone() for p in m.pathfinder.parameters()]
     head0 = m.head.weight.clone()
     pr.train_stage1(m, s, lambda c, g: noise(c, g), rec, torch.Generator().manual_seed(0))
@@ -384,3 +387,34 @@ def test_path_restore_run_records_regions_and_keeps_models():
     r0 = t["regions"][0]
     assert len(r0["paths"]) == rec["config"]["net"]["num_blocks"] and r0["complex_paths"] == sum(
         v > 0 for v in r0["paths"])
+
+
+# --------------------------------------------------------------- the pathfinder on a frozen network (issue 12)
+def test_loo_baseline_is_the_mean_of_the_other_samples():
+    ret = torch.arange(12.0).view(6, 2)          # K=3 samples of B=2 regions, N=2 blocks
+    b = pr.loo_baseline(ret, 3)
+    r = ret.view(3, 2, 2)
+    for k in range(3):
+        others = [j for j in range(3) if j != k]
+        torch.testing.assert_close(b.view(3, 2, 2)[k], r[others].mean(0))
+    with pytest.raises(ValueError, match="K=4"):
+        pr.loo_baseline(ret, 4)
+
+
+def test_frozen_network_pathfinder_training_moves_only_the_pathfinder_toward_cheap_paths_under_a_big_penalty():
+    _, m, s, noise = _tiny_training(8)
+    net0 = {n: q.clone() for n, q in m.named_parameters() if not n.startswith("pathfinder.")}
+    x = s.sample(torch.Generator().manual_seed(5))
+
+    def p_bypass():
+        with torch.no_grad():
+            ro = m.rollout(x.repeat(8, 1, 1, 1), "sample", generator=torch.Generator().manual_seed(0))
+        return float((ro.actions == 0).float().mean())
+
+    before = p_bypass()
+    rec = pr.TrainRecipe(pf_steps=40, pf_samples=4, batch_size=8, patch_size=16, pf_lr=1e-2, entropy_coef=0.0)
+    log = []
+    pr.train_pathfinder(m, s, lambda c, g: noise(c, g), rec, 10.0, torch.Generator().manual_seed(1), log)
+    assert all(torch.equal(q, net0[n]) for n, q in m.named_parameters() if n in net0)   # the network is frozen
+    assert all(q.requires_grad for q in m.parameters())                                  # and given back
+    assert p_bypass() > before + 0.2 and log[-1]["stage"].startswith("pathfinder")

@@ -112,7 +112,8 @@ SPECS = [
     ("TrainRecipe", pr.TrainRecipe(), {
         "stage1_steps": INT(0), "stage2_steps": INT(0), "batch_size": INT(1), "patch_size": INT(1),
         **{k: POS() for k in ("lr", "lr_stage2", "pf_lr", "l0", "temperature")},
-        "gamma": UNIT(), "baseline": CHOICE(), "entropy_coef": NONNEG(), "normalize_adv": BOOL()}),
+        "gamma": UNIT(), "baseline": CHOICE(), "entropy_coef": NONNEG(), "normalize_adv": BOOL(),
+        "pf_steps": INT(0), "pf_samples": INT(2)}),
     ("ConfoundedERM", bd.ConfoundedERM(), {"threshold": UNIT(), "tie": UNIT()}),
     ("BackdoorERM", bd.BackdoorERM(), {"probs": [(0.3, 0.3), (-0.5, 1.5), (NAN, 1.0), (), "ab", None],
                                        "mode": CHOICE()}),
