@@ -807,6 +807,28 @@ def evaluate_regions(models: Dict[str, nn.Module], images: Sequence[torch.Tensor
     return rows
 
 
+def long_vs_bypass(net: PathRestore, images: Sequence[torch.Tensor], distortions: Dict[str, Any], seed: int,
+                   device: torch.device) -> Dict[str, Any]:
+    """The headroom a pathfinder needs: on every region of the (validation) images, the PSNR of the network with
+    every block on its longest path minus with every block on the bypass. If the long path does not help most
+    regions, all-bypass is optimal for any penalty and a pathfinder that learns it has learned nothing."""
+    from .evaluate import distorted_inputs
+
+    inputs = distorted_inputs(images, distortions, seed, device)
+    long_, short = FixedPaths(net.eval(), net.num_paths - 1), FixedPaths(net.eval(), 0)
+    gains = []
+    with torch.no_grad():
+        for (label, i), x in inputs.items():
+            xr, _, _ = extract_regions(x)
+            gr, _, _ = extract_regions(images[i][None].to(device))
+            ml = per_sample_mse(long_(xr).clamp(0, 1), gr)
+            mb = per_sample_mse(short(xr).clamp(0, 1), gr)
+            gains.append(10 * torch.log10(mb.clamp_min(1e-10) / ml.clamp_min(1e-10)))
+    g = torch.cat(gains).double()
+    return {"regions": int(g.numel()), "share_long_better": float((g > 0).double().mean()),
+            "mean_gain_db": float(g.mean()), "se_db": float(g.std() / g.numel() ** 0.5) if g.numel() > 1 else 0.0}
+
+
 # -------------------------------------------------------------------------------------------- experiment
 @dataclass(frozen=True)
 class Task:

@@ -346,7 +346,9 @@ def _record(gain=0.0, routes=((0, 1, 1), (1, 1, 1)), restores=True, with_regions
 
 def test_claims_use_paired_images_and_preconditions():
     good = X.claims(_record())
-    assert len(good) == 7 and all(c.verdict in C.VERDICTS for c in good)
+    assert len(good) == 8 and all(c.verdict in C.VERDICTS for c in good)
+    mix = next(c for c in good if "mixes paths" in c.claim)      # half the regions take (0, 1, 1): 0.5 - 0.3
+    assert mix.ours == pytest.approx(0.2) and mix.verdict == C.REPRODUCED and mix.n == 4
     gap = next(c for c in good if "at noise σ=50" in c.claim)
     assert gap.verdict == C.REPRODUCED and gap.n == 4 and gap.over == "images"   # |gap - 0.0| <= 0.1
     speed = next(c for c in good if "faster" in c.claim)
@@ -379,7 +381,12 @@ def test_path_restore_run_records_regions_and_keeps_models():
     rec = X.run("quick", 0, "cpu", keep_models=True, **tiny)
     t = rec["tables"]
     assert set(rec["models"]) == {"denoise/baseline", "denoise/stage I", "denoise/PR p=0"}
-    assert len(rec["claims"]) == 7 and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
+    # 7 claims of the seed + ours: the route mixes paths, and saves FLOPs against the all-long network
+    assert len(rec["claims"]) == 9 and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
+    head = t["stage1_headroom"]["denoise"]
+    assert head["regions"] > 0 and 0 <= head["share_long_better"] <= 1
+    saving = next(c for c in rec["claims"] if "all-long" in c["claim"])
+    assert [p["name"] for p in saving["checks"]] == ["non-degenerate", "long path helps", "<= 0.1 dB loss"]
     n_img, n_dist = len(rec["config"]["test_images"]), len(rec["config"]["tasks"]["denoise"]["test"])
     assert {(r["distortion"], r["image"]) for r in t["regions"]} == {(d, i) for d in rec["config"]["tasks"][
         "denoise"]["test"] for i in range(n_img)}

@@ -18,6 +18,7 @@ import torch
 
 from .. import data
 from ..pathrestore import (BASELINES, REGION, STRIDE, FixedPaths, MultiPathConfig, RegionResult, TrainRecipe,
+                           long_vs_bypass,
                            evaluate_regions, extract_regions, flop_table, matched_dncnn_depth, measured_flops,
                            pathfinder_share, per_sample_mse, tasks, train_task)
 from ..utils import check_choice, check_number, resolve_device
@@ -141,6 +142,9 @@ def run(profile: str = "quick", seed: int = 0, device: str = "auto", keep_models
             kept[f"{task.name}/stage I"] = run_.stage1
             kept.update({f"{task.name}/PR p={p:g}": m for p, m in run_.by_p.items()})
         results["wall_s"][task.name] = {k: round(v, 1) for k, v in run_.wall.items()}
+        # the headroom of routing: does the stage-I network's long path beat its bypass on val regions?
+        results.setdefault("stage1_headroom", {})[task.name] = long_vs_bypass(run_.stage1, val, task.val,
+                                                                              seed + 333, dev)
         dn_flops = measured_flops(run_.dncnn, torch.zeros(1, 3, REGION, REGION, device=dev))
         dn_flops_probe = dn_flops
         cands = {f"PR p={p:g}": m for p, m in run_.by_p.items()}
@@ -298,6 +302,37 @@ def claims(record: Mapping[str, Any]) -> List[C.Claim]:
                      source="seed 004, 'Difficulty-regulated reward' slide",
                      note=f"{len(corrs)} image/distortion pairs with varying paths")
         out.append(c)
+    # ours (issue 12): routing that mixes paths and saves FLOPs against the all-long network at <= 0.1 dB
+    for task in cfg["tasks"]:
+        sel = t["selected"][task]["method"]
+        rows = C.rows_where(t["test"], task=task)
+        regions = t.get("regions")
+        head = t.get("stage1_headroom", {}).get(task)
+        req = [_routing(t, task, sel)]
+        if head is not None:
+            req.append(C.check("long path helps", head["share_long_better"] > 0.5,
+                               f"stage I: the long path beats the bypass on {head['share_long_better']:.0%} of "
+                               f"{head['regions']} val regions (mean {head['mean_gain_db']:+.2f} dB)"))
+        if regions is not None:
+            mixed = []
+            for i in sorted({r["image"] for r in rows}):
+                rr = C.rows_where(regions, task=task, method=sel, image=i)
+                if rr:
+                    mixed.append(float(np.mean([len(set(r["paths"])) > 1 for r in rr])) - 0.3)
+            out.append(C.effect(f"[{task}] the pathfinder mixes paths in >= 30% of regions (share - 0.3, {sel})",
+                                None, units=mixed, unit="images", require=req, source="ours (issue 12)",
+                                note="a region mixes paths when its blocks do not all take the same path"))
+        long_ = "multi-path, all longest"
+        if any(r["method"] == long_ for r in rows):
+            fl = {(r["method"], r["distortion"], r["image"]): r for r in rows}
+            keys = [(d, i) for (m, d, i) in fl if m == sel and (long_, d, i) in fl]
+            saving = [1 - fl[(sel, d, i)]["gflops"] / fl[(long_, d, i)]["gflops"] - 0.25 for d, i in keys]
+            loss = float(np.mean([fl[(long_, d, i)]["psnr"] - fl[(sel, d, i)]["psnr"] for d, i in keys]))
+            out.append(C.effect(f"[{task}] Path-Restore saves >= 25% of the all-long network's FLOPs (saving - 0.25, "
+                                f"{sel})", None, units=saving, unit="images",
+                                require=req + [C.check("<= 0.1 dB loss", loss <= 0.1,
+                                                       f"mean test PSNR loss to the all-long network {loss:+.3f} dB")],
+                                source="ours (issue 12)", note="per test image and distortion"))
     # the pathfinder's share of the FLOPs actually spent, per test image of each task's chosen Path-Restore
     nb, pf = cfg["net"]["num_blocks"], t["flops"]["pathfinder_per_block"]
     margins = [PAPER_PATHFINDER_SHARE - nb * pf / (float(r["gflops"]) * 1e9)
