@@ -266,9 +266,12 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
     timings = []
     if a.notebooks:
         timings = run_notebooks(a.profile, a.seed, a.device, a.only, a.jobs)
+    overrides = _kv(a.set, "--set")
+    if overrides and len(a.names) != 1:
+        raise ValueError(f"--set: overrides apply to one experiment's profile; got {len(a.names)} experiments")
     for name in a.names:
         t0 = time.perf_counter()
-        res = experiments.run(name, a.profile, a.seed, a.device, commit=a.commit, overwrite=a.overwrite)
+        res = experiments.run(name, a.profile, a.seed, a.device, commit=a.commit, overwrite=a.overwrite, **overrides)
         timings.append({"experiment": name, "seconds": round(time.perf_counter() - t0, 1), "file": res["_path"]})
     if a.no_claims:
         print(json.dumps(timings, indent=1))
@@ -355,6 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--commit", action="store_true", help="write results to data/results (committed) instead of artifacts/")
     r.add_argument("--overwrite", action="store_true", help="with --commit: replace an existing committed result; "
                    "with --committed-claims: re-judge the committed files' claims in place")
+    r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="override fields of the experiment's profile (JSON values), e.g. seeds=3 "
+                        "'budgets=[\"batches\",\"iterations\"]' run_root=runs/dil (one experiment)")
     r.add_argument("--no-claims", action="store_true", help="skip the claims table")
     r.add_argument("--committed-claims", action="store_true",
                    help="only rebuild data/results/CLAIMS.md from the committed result files")

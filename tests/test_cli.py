@@ -364,3 +364,24 @@ def test_train_seeds_report_the_failed_ones(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert cli.main(["train", "--seeds", "0", "1", "--run-dir", str(tmp_path)]) == 2
     assert "training failed for seed(s) 1" in capsys.readouterr().err
+
+
+def test_reproduce_set_overrides_the_profile_and_names_bad_fields(tmp_path, monkeypatch, capsys):
+    from causalir import experiments
+
+    seen = {}
+
+    def fake_run(name, profile, seed, device, commit=False, overwrite=False, **over):
+        seen.update(name=name, over=over)
+        return {"_path": str(tmp_path / "x.json")}
+
+    monkeypatch.setattr(experiments, "run", fake_run)
+    assert cli.main(["reproduce", "dil-denoise", "--no-claims", "--set", "seeds=3", 'budgets=["batches","iterations"]',
+                     "run_root=runs/dil"]) == 0
+    assert seen == {"name": "dil-denoise", "over": {"seeds": 3, "budgets": ("batches", "iterations"),
+                                                    "run_root": "runs/dil"}}
+    assert cli.main(["reproduce", "dil-denoise", "erm-denoise", "--set", "seeds=3"]) == 2
+    assert "one experiment" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert cli.main(["reproduce", "dil-denoise", "--no-claims", "--set", "bogus=1"]) == 2
+    assert "bogus" in capsys.readouterr().err
