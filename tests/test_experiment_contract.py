@@ -132,3 +132,34 @@ def test_load_models_refuses_an_altered_file_and_overwriting(tmp_path):
 def test_unknown_experiment_names_valid_ones():
     with pytest.raises(KeyError, match="valid names: erm-denoise, backdoor-toy"):
         experiments.get("dil-everything")
+
+
+def test_shipping_covers_the_toolbox_the_agent_path_restore_and_masks(tmp_path):
+    import torch
+
+    from causalir import pathrestore as pr
+    from causalir import rl
+    from causalir import toolchain as tc
+    from causalir.experiments import shipping
+
+    torch.manual_seed(0)
+    objs = {"toolbox": tc.Toolbox(tc.ToolboxConfig(small=(4, 2), large=(4, 2), act="leaky")),
+            "agent": rl.ToolAgent(rl.AgentConfig(conv1=4, conv=4, fc=8, lstm=8, norm=True)),
+            "path restore": pr.PathRestore(pr.MultiPathConfig(nf=4, num_blocks=2, path_blocks=(0, 1, 2))),
+            "masks": {"conv.weight": torch.rand(4, 3) > 0.5}}
+    root = shipping.save("rl-restore", "medium", 1, objs, record={}, command="x", folder=tmp_path)
+    spec = json.loads((root / "models.json").read_text())
+    assert {c["kind"] for c in spec["models"].values()} == {"toolbox", "tool_agent", "path_restore", "masks"}
+    got = experiments.load_models("rl-restore", "medium", seed=1, folder=tmp_path)
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(got["toolbox"].apply([3, 7], x), objs["toolbox"].eval().apply([3, 7], x))
+        q1, _ = got["agent"](x, torch.zeros(2, 12))
+        q0, _ = objs["agent"].eval()(x, torch.zeros(2, 12))
+        assert torch.equal(q1, q0)
+        assert torch.equal(got["path restore"](x), objs["path restore"].eval()(x))
+    assert torch.equal(got["masks"]["conv.weight"], objs["masks"]["conv.weight"])
+    assert got["toolbox"].cfg == objs["toolbox"].cfg and got["path restore"].cfg.path_blocks == (0, 1, 2)
+    with pytest.raises(TypeError, match="neither a registry model"):
+        shipping.save("rl-restore", "medium", 2, {"x": torch.nn.Linear(2, 2)}, record={}, command="x",
+                      folder=tmp_path)

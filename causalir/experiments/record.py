@@ -70,14 +70,9 @@ def envelope(name: str, profile: str, *, config: Dict[str, Any], tables: Dict[st
 
 
 def load_registry_models(manifest: Mapping[str, Any], folder: Path, device: str = "cpu") -> Dict[str, Any]:
-    """Models built from :mod:`causalir.models`' registry: ``manifest["models"][label] = {"model": name,
-    "config": {...}, "file": "label.safetensors"}``."""
-    from .. import models
+    """Every model card of a manifest rebuilt (:func:`causalir.experiments.shipping.rebuild`): registry models
+    (``{"model": name, "config": {...}, "file": ...}``), the suite's toolbox / agent / Path-Restore networks
+    (``{"kind": ..., "cfg": {...}}``) and masks."""
+    from .shipping import rebuild
 
-    out: Dict[str, Any] = {}
-    for label, m in manifest.get("models", {}).items():
-        cfg = dict(m.get("config", {}))
-        cfg.pop("name", None)
-        net = models.build(m["model"], **cfg)
-        out[label] = models.load_state(net, Path(folder) / m["file"]).to(device).eval()
-    return out
+    return {label: rebuild(m, Path(folder), device) for label, m in manifest.get("models", {}).items()}

@@ -55,6 +55,57 @@ NOT_SHIPPED: Dict[str, str] = {
 }
 
 
+def _shippable() -> Dict[str, Any]:
+    """The networks outside the registry that a run can ship, by name: (class, its config dataclass). An explicit
+    table, no import magic."""
+    from ..pathrestore import MultiPathConfig, PathRestore
+    from ..rl import AgentConfig, ToolAgent
+    from ..toolchain import Toolbox, ToolboxConfig
+
+    return {"toolbox": (Toolbox, ToolboxConfig), "tool_agent": (ToolAgent, AgentConfig),
+            "path_restore": (PathRestore, MultiPathConfig)}
+
+
+def _architecture(label: str, obj: Any) -> Dict[str, Any]:
+    """How a card names what it holds: a registry model (``model`` + ``config``), one of :func:`_shippable`'s
+    networks (``kind`` + ``cfg``), or masks (a dict of boolean tensors, ``kind: masks``)."""
+    if isinstance(obj, Mapping) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"kind": "masks"}
+    for kind, (cls, _) in _shippable().items():
+        if type(obj) is cls:
+            return {"kind": kind, "cfg": json.loads(json.dumps(dataclasses.asdict(obj.cfg)))}
+    cfg = dict(getattr(obj, "config", {}) or {})
+    if "name" not in cfg:
+        raise TypeError(f"shipping.save: model {label!r} ({type(obj).__name__}) is neither a registry model (with "
+                        f".config) nor one of {', '.join(_shippable())} nor masks")
+    return {"kind": "registry", "model": cfg.pop("name"), "config": cfg}
+
+
+def rebuild(card: Mapping[str, Any], folder: Path, device: str = "cpu") -> Any:
+    """The object a card describes, with its weights (checked against the card's architecture)."""
+    from safetensors.torch import load_file
+
+    from .. import models
+
+    path = Path(folder) / card["file"]
+    kind = card.get("kind", "registry")
+    if kind == "masks":
+        return {k: v.to(device) for k, v in load_file(str(path)).items()}
+    if kind == "registry":
+        cfg = dict(card.get("config", {}))
+        cfg.pop("name", None)
+        net = models.build(card["model"], **cfg)
+    elif kind in _shippable():
+        cls, cfg_cls = _shippable()[kind]
+        fields = {f.name: f.type for f in dataclasses.fields(cfg_cls)}
+        cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in card["cfg"].items() if k in fields}
+        net = cls(cfg_cls(**cfg))
+    else:
+        raise ValueError(f"model card {card.get('file')!r}: unknown kind {kind!r}; valid: registry, masks, "
+                         f"{', '.join(_shippable())}")
+    return models.load_state(net, path).to(device).eval()
+
+
 def model_dir(name: str, profile: str, seed: int = 0, folder: Optional[Path] = None) -> Path:
     """``data/models/<name>/<profile>/seed-<seed>`` (or under ``folder``)."""
     check_number("shipping", "seed", seed, lo=0, integer=True)
@@ -121,15 +172,15 @@ def save(name: str, profile: str, seed: int, models: Mapping[str, nn.Module], *,
     root.mkdir(parents=True, exist_ok=True)
     cards: Dict[str, Any] = {}
     for label, net in models.items():
-        cfg = dict(getattr(net, "config", {}) or {})
-        if "name" not in cfg:
-            raise TypeError(f"shipping.save: model {label!r} has no registry config (.config with a name)")
+        arch = _architecture(label, net)
         file = "".join(c if c.isalnum() or c in "-_." else "_" for c in label) + ".safetensors"
         tmp = root / f".{file}.tmp"
-        save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+        state = net if arch["kind"] == "masks" else net.state_dict()
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
         tmp.replace(root / file)
-        card = {"model": cfg.pop("name"), "config": cfg, "file": file, "sha256": _sha256(root / file),
-                "bytes": (root / file).stat().st_size, "parameters": sum(p.numel() for p in net.parameters())}
+        card = {**arch, "file": file, "sha256": _sha256(root / file), "bytes": (root / file).stat().st_size,
+                "parameters": sum(int(v.numel()) for v in state.values()) if arch["kind"] == "masks"
+                else sum(p.numel() for p in net.parameters())}
         if tasks and label in tasks:
             card["metrics"] = card_metrics(net.eval(), tasks[label], seed=0)
         cards[label] = card
