@@ -271,7 +271,8 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
         raise ValueError(f"--set: overrides apply to one experiment's profile; got {len(a.names)} experiments")
     for name in a.names:
         t0 = time.perf_counter()
-        res = experiments.run(name, a.profile, a.seed, a.device, commit=a.commit, overwrite=a.overwrite, **overrides)
+        res = experiments.run(name, a.profile, a.seed, a.device, commit=a.commit, overwrite=a.overwrite,
+                              ship=a.ship, **overrides)
         timings.append({"experiment": name, "seconds": round(time.perf_counter() - t0, 1), "file": res["_path"]})
     if a.no_claims:
         print(json.dumps(timings, indent=1))
@@ -361,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="override fields of the experiment's profile (JSON values), e.g. seeds=3 "
                         "'budgets=[\"batches\",\"iterations\"]' run_root=runs/dil (one experiment)")
+    r.add_argument("--ship", action="store_true", help="with --commit: ship the trained models with model cards "
+                   "to data/models/NAME/PROFILE/seed-SEED/")
     r.add_argument("--no-claims", action="store_true", help="skip the claims table")
     r.add_argument("--committed-claims", action="store_true",
                    help="only rebuild data/results/CLAIMS.md from the committed result files")

@@ -371,7 +371,7 @@ def test_reproduce_set_overrides_the_profile_and_names_bad_fields(tmp_path, monk
 
     seen = {}
 
-    def fake_run(name, profile, seed, device, commit=False, overwrite=False, **over):
+    def fake_run(name, profile, seed, device, commit=False, overwrite=False, ship=False, **over):
         seen.update(name=name, over=over)
         return {"_path": str(tmp_path / "x.json")}
 

@@ -163,3 +163,23 @@ def test_shipping_covers_the_toolbox_the_agent_path_restore_and_masks(tmp_path):
     with pytest.raises(TypeError, match="neither a registry model"):
         shipping.save("rl-restore", "medium", 2, {"x": torch.nn.Linear(2, 2)}, record={}, command="x",
                       folder=tmp_path)
+
+
+def test_run_with_ship_writes_the_models_and_their_cards(tmp_path):
+    import torch
+
+    from causalir.experiments import shipping
+
+    rec = experiments.run("erm-denoise", "quick", 0, "cpu", commit=True, ship=True, out_dir=tmp_path,
+                          steps=2, batch_size=2, patch_size=16, seeds=1, eval_side=48)
+    spec = shipping.read_manifest("erm-denoise", "quick", 0, folder=tmp_path / "models")
+    assert spec["command"].startswith("causalir reproduce erm-denoise --profile quick --seed 0")
+    assert "--set" in spec["command"] and "'steps=2'" in spec["command"]
+    assert set(spec["models"]) == set(rec["models"]) and rec["_not_shipped"] == {}
+    got = experiments.load_models("erm-denoise", "quick", 0, folder=tmp_path / "models")
+    x = torch.rand(1, 3, 16, 16)
+    label = next(iter(got))
+    with torch.no_grad():
+        assert torch.equal(got[label](x), rec["models"][label].eval()(x))
+    with pytest.raises(ValueError, match="commit=True"):
+        experiments.run("erm-denoise", "quick", ship=True)

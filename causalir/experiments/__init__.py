@@ -64,22 +64,35 @@ def _result_path(folder: Path, name: str, profile: str) -> Path:
 
 
 def run(name: str, profile: str = "quick", seed: int = 0, device: str = "auto", *, commit: bool = False,
-        out_dir: Optional[Path] = None, overwrite: bool = False, keep_models: bool = False,
+        out_dir: Optional[Path] = None, overwrite: bool = False, keep_models: bool = False, ship: bool = False,
         **overrides: Any) -> Dict[str, Any]:
     """Run experiment ``name`` and write its record to ``artifacts/results/NAME-PROFILE.json`` (``out_dir``, or
     ``data/results/`` with ``commit=True``, where an existing committed file is only replaced with
     ``overwrite=True``, checked before running). ``keep_models=True`` puts the trained models in the returned
-    record under ``"models"`` (never in the file). Returns the record (with ``_path``)."""
+    record under ``"models"`` (never in the file). ``ship=True`` (with ``commit``) also writes them with their
+    model cards to ``data/models/NAME/PROFILE/seed-SEED/`` (:mod:`.shipping`; what cannot be shipped is listed in
+    the record's ``_not_shipped``). Returns the record (with ``_path``)."""
     check_profile(profile)
     exp = get(name)
+    if ship and not commit:
+        raise ValueError("ship=True ships the models of a committed run: pass commit=True too")
     folder = Path(out_dir) if out_dir is not None else (results_dir() if commit else artifacts_dir() / "results")
     path = _result_path(folder, name, profile)
     if commit and not overwrite and path.exists():
         raise FileExistsError(f"{path} exists (a committed result); pass overwrite=True (CLI --overwrite) to "
                               "replace it")
-    rec = exp.run(profile, seed=seed, device=device, keep_models=keep_models, **overrides)
+    rec = exp.run(profile, seed=seed, device=device, keep_models=keep_models or ship, **overrides)
     atomic_write_json(path, {k: v for k, v in rec.items() if k != "models"})
     rec["_path"] = str(path)
+    if ship:
+        sets = " ".join(f"'{k}={json.dumps(v)}'" for k, v in overrides.items())
+        command = (f"causalir reproduce {name} --profile {profile} --seed {seed} --device {device} --commit --ship"
+                   + (f" --set {sets}" if sets else ""))
+        ok, skipped = shipping.shippable(rec.get("models") or {})
+        if ok:
+            shipping.save(name, profile, seed, ok, record=rec, command=command, overwrite=overwrite,
+                          folder=None if out_dir is None else Path(out_dir) / "models")
+        rec["_not_shipped"] = skipped
     return rec
 
 

@@ -81,6 +81,19 @@ def _architecture(label: str, obj: Any) -> Dict[str, Any]:
     return {"kind": "registry", "model": cfg.pop("name"), "config": cfg}
 
 
+def shippable(objs: Mapping[str, Any]) -> tuple:
+    """Split a run's kept models into (what :func:`save` can ship, {label: why not} for the rest)."""
+    ok, skipped = {}, {}
+    for label, obj in objs.items():
+        try:
+            _architecture(label, obj)
+        except TypeError as e:
+            skipped[label] = str(e)
+            continue
+        ok[label] = obj
+    return ok, skipped
+
+
 def rebuild(card: Mapping[str, Any], folder: Path, device: str = "cpu") -> Any:
     """The object a card describes, with its weights (checked against the card's architecture)."""
     from safetensors.torch import load_file
