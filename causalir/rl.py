@@ -1000,6 +1000,25 @@ def chain_step_images(agent: ToolAgent, toolbox: Toolbox, x: torch.Tensor, gt: O
     return out
 
 
+def q_values(agent: ToolAgent, toolbox: Toolbox, x: torch.Tensor, max_steps: int = 3) -> List[Dict[str, Any]]:
+    """The agent's Q(s_t, .) at each step of its greedy chain on one patch: [{'step', 'q' (13 values), 'action'}]
+    (the bar-chart widget's function)."""
+    x = _check_one_patch(x, "q_values x")
+    check_number("q_values", "max_steps", max_steps, lo=1, integer=True)
+    agent.eval()
+    y, prev, state, out = quantize(x), torch.zeros(1, N_TOOLS, device=x.device), None, []
+    with torch.no_grad():
+        for t in range(max_steps):
+            q, state = agent(y, prev, state)
+            a = int(q.argmax(1))
+            out.append({"step": t, "q": [float(v) for v in q[0]], "action": ACTION_NAMES[a]})
+            if a == STOP:
+                break
+            y = quantize(toolbox.apply([a], y))
+            prev = _onehot_prev(torch.tensor([a], device=x.device))
+    return out
+
+
 def tool_shares(actions: torch.Tensor) -> Dict[str, float]:
     """Share of each tool among all tool applications, plus the STOP share among decisions."""
     _check_actions("tool_shares", actions)

@@ -353,3 +353,15 @@ def test_a_study_with_run_root_resumes_and_skips_finished_methods(tmp_path, monk
     with pytest.raises(ValueError, match="another profile"):
         experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "c", run_root=str(root),
                         **{**kw, "lr": 5e-4})
+
+
+def test_show_theta_phi_titles_report_theta_and_phi(denoise):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    fig = X.show_theta_phi(denoise["models"]["DIL-pf"], 30, 0.05, side=32)
+    titles = [a.get_title() for a in fig.axes]
+    assert titles[1].startswith("θ") and "offset" in titles[1] and titles[2].startswith("φ") and "dB" in titles[2]
+    fig0 = X.show_theta_phi(denoise["models"]["DIL-pf"], 30, 0.0, side=32)   # alpha 0: phi is theta
+    t0 = [a.get_title() for a in fig0.axes]
+    assert t0[1].split("\n")[1].split(",")[0] == t0[2].split("\n")[1]

@@ -579,3 +579,14 @@ def test_tool_gains_flag_an_identity_and_the_leaky_recipe_trains_a_live_tool():
     assert any(isinstance(m, nn.LeakyReLU) for m in box.tools[7].modules())
     with pytest.raises(ValueError, match="ToolboxConfig.act"):
         tc.ToolboxConfig(act="gelu")
+
+
+def test_q_values_follow_the_greedy_chain():
+    box = _designed_toolbox()
+    clean, dist = _designed_data(2, 0)
+    torch.manual_seed(0)
+    agent = rl.ToolAgent(rl.AgentConfig(conv1=4, conv=4, fc=8, lstm=8))
+    qs = rl.q_values(agent, box, dist[0])
+    chain = rl.greedy_chains(agent, box, dist[:1]).actions[0].tolist()
+    assert [q["action"] for q in qs] == [tc.ACTION_NAMES[a] for a in chain if a >= 0]
+    assert all(len(q["q"]) == 13 and q["action"] == tc.ACTION_NAMES[int(np.argmax(q["q"]))] for q in qs)

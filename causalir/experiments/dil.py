@@ -943,6 +943,39 @@ def show_restorations(models_: Dict[str, torch.nn.Module], strategy: str, distor
     return show_images(list(ex.values()), titles)
 
 
+def show_theta_phi(model: torch.nn.Module, sigma: float = 30.0, alpha: float = 0.01, inner_sigma: float = 15.0,
+                   image: str = "chelsea", side: int = 96, seed: int = 0):
+    """What the meta-objective sees, on one photo: theta's restoration of a noisy copy (noise ``sigma``), and that
+    of the virtual model phi = theta - alpha grad L after one inner step on a *different* noisy copy (seen level
+    ``inner_sigma``), with PSNRs and theta's mean output offset (grey levels) in the titles (the widget's
+    function)."""
+    from torch.func import functional_call, grad
+
+    from ..metrics import psnr
+
+    check_number("show_theta_phi", "alpha", alpha, lo=0)
+    img = data.center_crop(data.embedded_image(image), side)[None]
+    g = torch.Generator().manual_seed(seed)
+    x_in = distortions.GaussianNoise(float(inner_sigma))(img, g)
+    x = distortions.GaussianNoise(float(sigma))(img, g)
+    model = model.eval().cpu()
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss(p):
+        return torch.nn.functional.l1_loss(functional_call(model, (p, buffers), (x_in,)), img)
+
+    gi = grad(loss)(theta)
+    phi = {k: theta[k] - alpha * gi[k] for k in theta}
+    with torch.no_grad():
+        y_t = functional_call(model, (theta, buffers), (x,)).clamp(0, 1)
+        y_p = functional_call(model, (phi, buffers), (x,)).clamp(0, 1)
+        off = float((functional_call(model, (theta, buffers), (x,)) - img).mean()) * 255
+    titles = [f"noisy σ={sigma:g}\n{psnr(x, img):.2f} dB", f"θ\n{psnr(y_t, img):.2f} dB, offset {off:+.1f}",
+              f"φ = θ - {alpha:g}·∇L (σ={inner_sigma:g})\n{psnr(y_p, img):.2f} dB", "clean"]
+    return show_images([x, y_t, y_p, img], titles)
+
+
 def plot_sampling_diagram(k: int = 3):
     """Parallel vs serial sampling: every virtual model from theta, or chained through the distortions."""
     import matplotlib.pyplot as plt
