@@ -985,3 +985,63 @@ class SRStrategy(Strategy):
     def describe(self) -> Dict[str, Any]:
         return {"name": self.name, "p_blur": self.p_blur, "p_noise": self.p_noise, "betas": list(self.betas),
                 "masked": None if self.masks is None else mask_count(self.masks)}
+
+
+# ------------------------------------------------------------------------------------------------ the gate
+#: What a gate does when a model fails it: stop the run (``GateError``), or record the failure (the claims that
+#: rest on the model are then inconclusive through the claims grammar's ``restorer`` precondition).
+GATE_ACTIONS = ("stop", "record")
+
+
+class GateError(RuntimeError):
+    """A model that attribution or mixing would use has not learned its task (see :func:`restorer_gate`)."""
+
+
+@dataclass(frozen=True)
+class GateEntry:
+    """One model on one degradation, on validation: its PSNR, the distorted input's PSNR and the margin."""
+
+    model: str
+    degradation: str
+    psnr: float
+    input_psnr: float
+    margin: float
+
+    @property
+    def gain(self) -> float:
+        return self.psnr - self.input_psnr
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.gain > self.margin)
+
+    def describe(self) -> str:
+        return (f"{self.model} on {self.degradation}: {self.psnr:.2f} dB vs its distorted input {self.input_psnr:.2f} "
+                f"dB (gain {self.gain:+.2f} dB, margin > {self.margin:g} dB)")
+
+    def as_dict(self) -> Dict[str, Any]:
+        return {"model": self.model, "degradation": self.degradation, "psnr": round(float(self.psnr), 4),
+                "input_psnr": round(float(self.input_psnr), 4), "gain": round(float(self.gain), 4),
+                "margin": float(self.margin), "passed": self.passed}
+
+
+def restorer_gate(entries: Sequence[GateEntry], action: str = "stop", what: str = "attribution") -> List[Dict[str, Any]]:
+    """Restorers first, attribution second: every model FAIG or ADMS uses must beat its distorted input on
+    validation by more than the margin, PSNR(model) - PSNR(input) > margin, on its own degradation(s).
+    ``action='stop'`` raises :class:`GateError` naming each failing model, its PSNR, the input's and the margin;
+    ``'record'`` returns the rows all the same (their ``passed`` flags make the claims inconclusive)."""
+    check_choice("restorer_gate", "action", action, GATE_ACTIONS)
+    if isinstance(entries, GateEntry) or not isinstance(entries, Sequence) or not entries:
+        raise ValueError(f"restorer_gate: entries: expected a non-empty sequence of GateEntry, got {entries!r}")
+    for i, e in enumerate(entries):
+        if not isinstance(e, GateEntry):
+            raise TypeError(f"restorer_gate: entries[{i}]: expected a GateEntry, got {type(e).__name__}")
+        check_number("GateEntry", "margin", e.margin, lo=0)
+        check_number("GateEntry", "psnr", e.psnr)
+        check_number("GateEntry", "input_psnr", e.input_psnr)
+    failed = [e for e in entries if not e.passed]
+    if failed and action == "stop":
+        raise GateError(f"gate before {what}: {len(failed)} of {len(entries)} model checks are not restorers yet on "
+                        "validation: " + "; ".join(e.describe() for e in failed)
+                        + ". Train longer or larger (the profile's budget), or lower the margin knowingly.")
+    return [e.as_dict() for e in entries]

@@ -210,7 +210,9 @@ def test_adms_claims_need_restorers_and_headroom():
             table[m]["avg"] = float(np.mean([table[m][d] for d in labels]))
         per_seed = [{"seed": 0, "table": table, "accuracy": {"accuracy": 0.5, "confusion": [[2, 0, 0], [1, 1, 0],
                                                                                              [0, 0, 2]]},
-                     "params": {"UM": 1000, "ADMS": 1100, "ADMS masked_weights": 90}}]
+                     "params": {"UM": 1000, "ADMS": 1100, "ADMS masked_weights": 90, "ADMS classifier": 10},
+                     "gate": [{"model": "UM", "degradation": d, "psnr": 25.0, "input_psnr": 20.0, "gain": 5.0,
+                               "margin": 0.5, "passed": True} for d in labels]}]
         return {"config": {"tasks": ["rain-blur-noise"]},
                 "tables": {"tasks": {"rain-blur-noise": {"labels": labels, "per_seed": per_seed, "seen_rows": rows}}}}
 
@@ -219,7 +221,7 @@ def test_adms_claims_need_restorers_and_headroom():
     assert beat.verdict in (C.REPRODUCED, C.DIRECTION_ONLY) and beat.over == "images" and beat.n == 3
     over = next(c for k, c in good.items() if "parameter overhead" in k)
     assert over.verdict == C.INCONCLUSIVE and "fewer than 2 seeds" in over.why  # a count: one seed is not enough
-    clf = next(c for k, c in good.items() if "classifier" in k)
+    clf = next(c for k, c in good.items() if "classifier beats chance" in k)
     assert clf.over == "patches" and clf.n == 6
     bad = {c.claim: c for c in E.claims(record(-4.5))}  # UM now below its input
     beat = next(c for k, c in bad.items() if "ADMS beats UM" in k)
@@ -233,7 +235,7 @@ def test_adms_claims_rejudge_the_committed_record():
     rec = experiments.load_results("adms-rbn", "medium")
     if rec is None:
         pytest.skip("no committed adms-rbn medium record")
-    assert len(rec["claims"]) == 8 and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
+    assert len(rec["claims"]) == 9 and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
 
 
 def test_adms_experiment_runs_tiny_and_keeps_its_models(tmp_path):

@@ -149,7 +149,9 @@ SPECS = [
         **{k: INT(1) for k in ("batch_size", "faig_steps", "faig_images", "faig_side", "clf_nf", "eval_side",
                                "acc_patches", "seeds", "seeds_second_task")},
         "patch_size": INT(8), **{k: POS() for k in ("lr", "im_lr", "adms_lr")}, "fraction": SHARE(),
-        "ce_weight": NONNEG(), "mode": CHOICE(), "mixing": CHOICE()}),
+        "ce_weight": NONNEG(), "mode": CHOICE(), "mixing": CHOICE(), "gate_margin": NONNEG(),
+        "gate_action": CHOICE(), "init": CHOICE(), "val_every": INT(0), "ckpt_every": INT(0),
+        "test_patch": INT(0) + [4]}),                               # 1..15: too small a patch
     ("DNIConfig", dni_denoise.DNIConfig(), {
         "model": CHOICE(), "model_cfg": MAPPING(), "parent_sigma": POS() + [300.0],
         "child_sigma": POS() + [10.0, 300.0],                       # 10 < parent_sigma (15)
@@ -166,7 +168,7 @@ SPECS = [
         "internal_batch_size": OPT_INT(1), **{k: POS() for k in ("lr", "target_lr", "retrain_lr")},
         "patch_size": INT(8) + [49], "crop": INT(2) + [65],         # odd sizes cannot be halved (x2 SR)
         "fractions": [(), (0.0,), (1.5,), (NAN,), "0.1", None], "lambdas": [(), (NAN,), (INF,), "1", None],
-        "os_fraction": SHARE()}),
+        "os_fraction": SHARE(), "gate_margin": NONNEG(), "gate_action": CHOICE(), "val_every": INT(0)}),
     ("LinearGaussianVariable('X')", ca.LinearGaussianVariable("X", ("C",), (1.0,)), {
         "coefs": [(NAN,), (INF,), ("a",), "1"], "intercept": FINITE(), "sd": NONNEG()}),
     ("variable 'X'", ca.DiscreteVariable("X", (0, 1), [0.5, 0.5]), {
