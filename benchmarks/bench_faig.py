@@ -67,14 +67,15 @@ def pair(dev: torch.device, side: int):
 
 def overheads(dev: torch.device, steps: int, side: int, vmap_steps: int) -> dict:
     """FAIG wall time against its floor and against the rebuild-every-step baseline (one run): the package's
-    default path (``faig``, which picks vmap on CUDA and the sequential path on CPU), the plain loop
+    default path (``faig``, which picks captum + vmap on CUDA and the module loop on CPU), the plain loop
     (``faig_reference``), the rebuild baseline; vmap and sequential also at ``vmap_steps`` steps (vmap is slow on
     CPU). Ratios are wall time / floor (1.0 = at the floor) and rebuild time / method time."""
     tgt, base, x, y = pair(dev, side)
     A.faig(tgt, base, x, y, 2)  # warm-up
     floor_seconds(tgt, x, y, 2, dev)
     out: dict = {"model": "srresnet-paper", "lr_side": side, "steps": steps,
-                 "kernels": A.count_kernels(tgt), "default_path": "vmap" if dev.type == "cuda" else "sequential"}
+                 "kernels": A.count_kernels(tgt),
+                 "default_path": "captum + vmap" if dev.type == "cuda" else "module loop (no captum)"}
     fl = floor_seconds(tgt, x, y, steps, dev)
     rows = {}
     for name, fn in (("faig (default path)", lambda: A.faig(tgt, base, x, y, steps)),
@@ -90,7 +91,7 @@ def overheads(dev: torch.device, steps: int, side: int, vmap_steps: int) -> dict
     out["methods"] = {n: {"s": round(t, 3), "x_floor": round(t / fl, 3), "rebuild_speedup": round(rb / t, 3)}
                       for n, t in rows.items()}
     small = {}
-    for name, vec in (("vmap", True), ("sequential", False)):
+    for name, vec in (("vmap", True), ("sequential", False)):  # captum's two paths
         _sync(dev)
         t0 = time.perf_counter()
         A.faig(tgt, base, x, y, vmap_steps, vectorize=vec)
