@@ -659,14 +659,21 @@ def degree_for_psnr(image: torch.Tensor, name: str, target_db: float, seed: int 
     check_number("degree_for_psnr", "iters", iters, lo=1, integer=True)
     if not isinstance(name, str) or name not in DEGREES:
         raise KeyError(f"unknown distortion {name!r} for degree_for_psnr; valid names: {', '.join(DEGREES)}")
+    from .metrics import psnr
+
+    check_images(image, "image", batched=False)
     _, lo, hi, _ = DEGREES[name]
-    p_lo, p_hi = preview(image, name, lo, seed)[1], preview(image, name, hi, seed)[1]
+
+    def p_at(degree: float) -> float:  # PSNR only (SSIM, the slow part of preview, once at the end)
+        g = torch.Generator(device=image.device).manual_seed(seed)
+        return psnr(with_degree(name, degree)(image[None], g)[0], image)
+
+    p_lo, p_hi = p_at(lo), p_at(hi)
     rising = p_hi > p_lo  # e.g. JPEG quality: more is better
     a, b = lo, hi
     for _ in range(iters):
         mid = (a + b) / 2
-        p = preview(image, name, mid, seed)[1]
-        if (p < target_db) == rising:
+        if (p_at(mid) < target_db) == rising:
             a = mid
         else:
             b = mid
