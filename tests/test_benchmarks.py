@@ -25,16 +25,12 @@ def test_faig_rebuild_baseline_matches_the_package_loop():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import bench_faig
 
-    from causalir import attribution as A
-    from causalir import models
+    from test_faig_loop import _pair
 
-    torch.manual_seed(0)
-    base = models.build("srresnet", nf=8, nb=1).eval()
-    tgt = models.build("srresnet", nf=8, nb=1).eval()
-    with torch.no_grad():
-        for p in tgt.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    x, y = torch.rand(1, 3, 8, 8), torch.rand(1, 3, 16, 16)
+    from causalir import attribution as A
+
+    tgt, base, x, y = _pair()
+    x, y = x[:1], y[:1]
     attr = bench_faig.faig_rebuild(tgt, base, x, y, 4)
     ref = A.faig_reference(tgt, base, x, y, 4, kernels_only=False)
     got = A.kernel_scores(attr, tgt, kernels_only=False)

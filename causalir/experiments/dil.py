@@ -323,14 +323,26 @@ def validation_images(prof: DILProfile) -> List[torch.Tensor]:
     return [tiles[int(i * step)] for i in range(prof.val_tiles)]
 
 
+def virtual_outputs(model: torch.nn.Module, x_in: torch.Tensor, y_in: torch.Tensor, x: torch.Tensor,
+                    alpha: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The outputs on ``x`` of theta (``model``) and of its virtual model phi = theta - alpha grad L1(f_theta(x_in),
+    y_in), the paper's inner step (no gradient kept)."""
+    from torch.func import functional_call, grad
+
+    theta = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+    gi = grad(lambda p: torch.nn.functional.l1_loss(functional_call(model, (p, buffers), (x_in,)), y_in))(theta)
+    phi = {k: theta[k] - alpha * gi[k] for k in theta}
+    with torch.no_grad():
+        return functional_call(model, (theta, buffers), (x,)), functional_call(model, (phi, buffers), (x,))
+
+
 def theta_phi(model: torch.nn.Module, prof: DILProfile, seen: Sequence[distortions.Distortion], alpha: float,
               seed: int) -> Dict[str, float]:
     """What the meta-objective sees: on validation tiles at the seen distortions, the L1 loss of theta and of
     the virtual model phi = theta - alpha grad L(theta) (its inner step taken on a *different* validation
     batch), and theta's mean output offset (output - clean, grey levels); a theta whose offset the inner step
     removes scores well on the meta-objective while theta itself stays biased."""
-    from torch.func import functional_call, grad
-
     val = validation_images(prof)
     g = torch.Generator().manual_seed(10_000 + seed)
     clean = torch.stack([v[:, :prof.patch_size, :prof.patch_size] for v in val if min(v.shape[-2:]) >= prof.patch_size])
@@ -338,21 +350,13 @@ def theta_phi(model: torch.nn.Module, prof: DILProfile, seen: Sequence[distortio
         raise ValueError("theta_phi: needs at least 2 validation tiles of patch_size")
     half = len(clean) // 2
     model = model.eval().cpu()
-    theta = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-    def loss(p, x, y):
-        return torch.nn.functional.l1_loss(functional_call(model, (p, buffers), (x,)), y)
-
     out = {"L_theta": 0.0, "L_phi": 0.0, "offset_grey": 0.0}
     for d in seen:
         xa, xb = d(clean[:half], g), d(clean[half:], g)
-        gi = grad(loss)(theta, xa, clean[:half])
-        phi = {k: theta[k] - alpha * gi[k] for k in theta}
-        with torch.no_grad():
-            out["L_theta"] += float(loss(theta, xb, clean[half:])) / len(seen)
-            out["L_phi"] += float(loss(phi, xb, clean[half:])) / len(seen)
-            out["offset_grey"] += float((model(xb) - clean[half:]).mean()) * 255 / len(seen)
+        y_t, y_p = virtual_outputs(model, xa, clean[:half], xb, alpha)
+        out["L_theta"] += float(torch.nn.functional.l1_loss(y_t, clean[half:])) / len(seen)
+        out["L_phi"] += float(torch.nn.functional.l1_loss(y_p, clean[half:])) / len(seen)
+        out["offset_grey"] += float((y_t - clean[half:]).mean()) * 255 / len(seen)
     return {k: round(v, 5) for k, v in out.items()}
 
 
@@ -949,8 +953,6 @@ def show_theta_phi(model: torch.nn.Module, sigma: float = 30.0, alpha: float = 0
     of the virtual model phi = theta - alpha grad L after one inner step on a *different* noisy copy (seen level
     ``inner_sigma``), with PSNRs and theta's mean output offset (grey levels) in the titles (the widget's
     function)."""
-    from torch.func import functional_call, grad
-
     from ..metrics import psnr
 
     check_number("show_theta_phi", "alpha", alpha, lo=0)
@@ -958,19 +960,8 @@ def show_theta_phi(model: torch.nn.Module, sigma: float = 30.0, alpha: float = 0
     g = torch.Generator().manual_seed(seed)
     x_in = distortions.GaussianNoise(float(inner_sigma))(img, g)
     x = distortions.GaussianNoise(float(sigma))(img, g)
-    model = model.eval().cpu()
-    theta = {k: v.detach() for k, v in model.named_parameters()}
-    buffers = {k: v.detach() for k, v in model.named_buffers()}
-
-    def loss(p):
-        return torch.nn.functional.l1_loss(functional_call(model, (p, buffers), (x_in,)), img)
-
-    gi = grad(loss)(theta)
-    phi = {k: theta[k] - alpha * gi[k] for k in theta}
-    with torch.no_grad():
-        y_t = functional_call(model, (theta, buffers), (x,)).clamp(0, 1)
-        y_p = functional_call(model, (phi, buffers), (x,)).clamp(0, 1)
-        off = float((functional_call(model, (theta, buffers), (x,)) - img).mean()) * 255
+    out_t, out_p = virtual_outputs(model.eval().cpu(), x_in, img, x, alpha)
+    y_t, y_p, off = out_t.clamp(0, 1), out_p.clamp(0, 1), float((out_t - img).mean()) * 255
     titles = [f"noisy σ={sigma:g}\n{psnr(x, img):.2f} dB", f"θ\n{psnr(y_t, img):.2f} dB, offset {off:+.1f}",
               f"φ = θ - {alpha:g}·∇L (σ={inner_sigma:g})\n{psnr(y_p, img):.2f} dB", "clean"]
     return show_images([x, y_t, y_p, img], titles)
