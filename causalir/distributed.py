@@ -138,20 +138,18 @@ def all_mean_dict(tensors: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor
 
 
 def average_gradients(params) -> None:
-    """Average ``p.grad`` over the ranks for every parameter with a gradient (one flattened all-reduce, in
-    place); what DDP does in its backward, for gradients DDP never saw (functional meta-gradients)."""
+    """Average ``p.grad`` over the ranks for every parameter with a gradient (one flattened all-reduce through
+    :func:`all_mean_dict`, written back in place); what DDP does in its backward, for gradients DDP never saw
+    (functional meta-gradients)."""
     if not is_active():
         return
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat.div_(dist.get_world_size())
-    i = 0
-    for g in grads:
-        g.copy_(flat[i: i + g.numel()].view_as(g))
-        i += g.numel()
+    with torch.no_grad():
+        means = all_mean_dict(dict(enumerate(grads)))
+        for i, g in enumerate(grads):
+            g.copy_(means[i])
 
 
 def broadcast_module(model: nn.Module, src: int = 0) -> None:
