@@ -20,10 +20,11 @@ The ``path-restore`` experiment (profiles, the seed's table, claims, plots) is :
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -561,9 +562,13 @@ class TrainRecipe:
     #: reference), each with ``pf_samples`` routings sampled per region and a leave-one-out baseline
     pf_steps: int = 0
     pf_samples: int = 4
+    #: ours (issue 12): set ``l0`` from the data instead: this quantile of the stage-I network's per-region output
+    #: MSE (all blocks on the longest path) on training patches (:func:`l0_from_regions`); None keeps ``l0``
+    l0_quantile: Optional[float] = None
 
     def __post_init__(self) -> None:
         o = "TrainRecipe"
+        check_number(o, "l0_quantile", self.l0_quantile, lo=0, lo_open=True, hi=1, allow_none=True)
         check_number(o, "pf_steps", self.pf_steps, lo=0, integer=True)
         check_number(o, "pf_samples", self.pf_samples, lo=2, integer=True)
         check_choice(o, "baseline", self.baseline, ("greedy", "mean", "none"))
@@ -608,7 +613,8 @@ def train_stage1(model: PathRestore, sampler, distort: Callable, recipe: TrainRe
                  log: Optional[List[dict]] = None, fixed_path: Optional[int] = None,
                  steps: Optional[int] = None) -> PathRestore:
     """Stage I: L2 training of the multi-path network with uniformly random paths per region and block.
-    With ``fixed_path`` every block always takes that path: a static network (the FLOPs-matched baseline).
+    With ``fixed_path`` (one path for every block, or one per block) the blocks always take those paths: a static
+    network (the all-long baseline, or :func:`matched_static_paths`'s FLOPs-matched one).
 
     A plain loop, outside :func:`causalir.train.fit` on purpose: it trains a parameter subset (the pathfinder is
     frozen) under routes drawn per sample from the same generator as the batches and the noise, and the random
@@ -616,8 +622,7 @@ def train_stage1(model: PathRestore, sampler, distort: Callable, recipe: TrainRe
     schedule come from :func:`causalir.train.make_optimizer` / ``make_scheduler``."""
     _check_stage("train_stage1", model, sampler, distort, recipe)
     check_number("train_stage1", "steps", steps, lo=0, integer=True, allow_none=True)
-    check_number("train_stage1", "fixed_path", fixed_path, lo=0, hi=model.num_paths - 1, integer=True,
-                 allow_none=True)
+    route = None if fixed_path is None else block_paths(model, fixed_path, "train_stage1", "fixed_path")
     n_steps = recipe.stage1_steps if steps is None else steps
     params = [p for n, p in model.named_parameters() if not n.startswith("pathfinder.")]
     opt, sched = _adam_cosine(params, recipe.lr, n_steps)
@@ -625,10 +630,10 @@ def train_stage1(model: PathRestore, sampler, distort: Callable, recipe: TrainRe
     for step in range(n_steps):
         clean = sampler.sample(gen)
         noisy = distort(clean, gen)
-        if fixed_path is None:
+        if route is None:
             out = model.rollout(noisy, "random", generator=gen).output
         else:
-            a = torch.full((noisy.shape[0], model.cfg.num_blocks), fixed_path, dtype=torch.long, device=noisy.device)
+            a = torch.tensor(route, dtype=torch.long, device=noisy.device).expand(noisy.shape[0], -1)
             out = model.rollout(noisy, "fixed", actions=a).output
         loss = F.mse_loss(out, clean)
         opt.zero_grad(set_to_none=True)
@@ -636,7 +641,8 @@ def train_stage1(model: PathRestore, sampler, distort: Callable, recipe: TrainRe
         opt.step()
         sched.step()
         if log is not None and (step % 50 == 0 or step == n_steps - 1):
-            log.append({"stage": 1 if fixed_path is None else f"static path {fixed_path}", "step": step, "loss": float(loss.detach())})
+            log.append({"stage": 1 if route is None else f"static paths {list(route)}", "step": step,
+                        "loss": float(loss.detach())})
     return model
 
 
@@ -741,6 +747,22 @@ def train_pathfinder(model: PathRestore, sampler, distort: Callable, recipe: Tra
         for q, w in zip(net, was):
             q.requires_grad_(w)
     return model
+
+
+def l0_from_regions(model: PathRestore, sampler, distort: Callable, q: float, gen: torch.Generator,
+                    batches: int = 16) -> float:
+    """The difficulty threshold L0 as the ``q``-quantile of the per-region output MSE of ``model`` with every
+    block on its longest path, over ``batches`` training batches: with q = 0.5 half the regions count as hard
+    (d = min(L_d / L0, 1) = 1) and the easier half are weighted down in proportion to their error."""
+    check_number("l0_from_regions", "q", q, lo=0, lo_open=True, hi=1)
+    check_number("l0_from_regions", "batches", batches, lo=1, integer=True)
+    long_ = FixedPaths(model, model.num_paths - 1)
+    errs = []
+    with torch.no_grad():
+        for _ in range(batches):
+            clean = sampler.sample(gen)
+            errs.append(per_sample_mse(long_(distort(clean, gen)), clean))
+    return float(torch.quantile(torch.cat(errs).double(), q))
 
 
 def train_dncnn(model: nn.Module, sampler, distort: Callable, steps: int, lr: float, gen: torch.Generator,
@@ -887,6 +909,8 @@ class TaskRun:
     by_p: Dict[float, PathRestore]
     log: List[dict] = field(default_factory=list)
     wall: Dict[str, float] = field(default_factory=dict)
+    #: the difficulty threshold stage II used (``recipe.l0``, or the one :func:`l0_from_regions` set)
+    l0: Optional[float] = None
 
 
 BASELINES = ("resnet", "dncnn")
@@ -936,6 +960,9 @@ def train_task(task: Task, net: MultiPathConfig, recipe: TrainRecipe, p_values: 
     train_stage1(s1, sampler, distort, recipe, make_generator(seed, device), log)
     s1.eval()
     wall["stage1"] = time.perf_counter() - t0
+    if recipe.l0_quantile is not None:  # L0 from the region-MSE distribution of the trained network
+        recipe = dataclasses.replace(recipe, l0=l0_from_regions(s1, sampler, distort, recipe.l0_quantile,
+                                                                make_generator(seed + 4241, device)))
     by_p = {}
     for k, p in enumerate(p_values):
         t0 = time.perf_counter()
@@ -946,19 +973,63 @@ def train_task(task: Task, net: MultiPathConfig, recipe: TrainRecipe, p_values: 
         train_stage2(m, sampler, distort, recipe, p, g, log)
         by_p[p] = m.eval()
         wall[f"stage2 p={p:g}"] = time.perf_counter() - t0
-    return TaskRun(task, dn, s1, by_p, log, wall)
+    return TaskRun(task, dn, s1, by_p, log, wall, recipe.l0)
+
+
+def block_paths(net: PathRestore, path: Union[int, Sequence[int]], owner: str, name: str) -> Tuple[int, ...]:
+    """One path per block: an int (checked as ``owner.name``) is the same path for every block; a sequence names
+    each block's path (``owner.name[i]``)."""
+    nb = net.cfg.num_blocks
+    if isinstance(path, Sequence) and not isinstance(path, (str, bytes)):
+        if len(path) != nb:
+            raise ValueError(f"{owner}.{name}: expected one path per block ({nb}), got {len(path)}: {path!r}")
+        for i, v in enumerate(path):
+            check_number(owner, f"{name}[{i}]", v, lo=0, hi=net.num_paths - 1, integer=True)
+        return tuple(int(v) for v in path)
+    check_number(owner, name, path, lo=0, hi=net.num_paths - 1, integer=True)
+    return (int(path),) * nb
+
+
+def matched_static_paths(cfg: MultiPathConfig, target_flops: float, h: int = REGION, w: int = REGION) -> Tuple[int, ...]:
+    """Per-block paths of the static network that costs at least ``target_flops`` per region (FLOPs of the
+    network alone, no pathfinder) with the fewest blocks on their longest path: the first k blocks take the
+    longest path, the others the cheapest. The FLOPs-matched static baseline of an adaptive routing whose mean
+    cost is ``target_flops`` (rounded up to whole blocks, so the static network never has less computation)."""
+    check_number("matched_static_paths", "target_flops", target_flops, lo=0)
+    t = flop_table(cfg, h, w)
+    step = max(t.paths) - min(t.paths)
+    k = cfg.num_blocks if step == 0 else int(np.ceil(max(target_flops - t.shortest, 0) / step - 1e-9))
+    k = min(max(k, 0), cfg.num_blocks)
+    long_, short = int(np.argmax(t.paths)), int(np.argmin(t.paths))
+    return tuple([long_] * k + [short] * (cfg.num_blocks - k))
+
+
+def train_static(task: "Task", net: MultiPathConfig, recipe: TrainRecipe, paths: Sequence[int], seed: int,
+                 device: torch.device, steps: Optional[int] = None) -> "FixedPaths":
+    """A static network (the blocks always on ``paths``) trained from scratch like stage I, on the same data and
+    steps (``steps`` defaults to ``recipe.stage1_steps``): e.g. the FLOPs-matched baseline."""
+    from . import data
+
+    imgs = data.embedded_images("train")
+    sampler = data.PatchSampler(imgs, recipe.patch_size, recipe.batch_size, device)
+    torch.manual_seed(seed)
+    static = PathRestore(net).to(device)
+    train_stage1(static, sampler, lambda c, g: task.train(c, g), recipe, make_generator(seed, device),
+                 fixed_path=tuple(paths), steps=steps)
+    return FixedPaths(static.eval(), tuple(paths))
 
 
 class FixedPaths(nn.Module):
-    """A stage-I network run with the same path in every block (e.g. all-bypass or all-longest)."""
+    """A multi-path network run with fixed paths: the same in every block (e.g. all-bypass or all-longest, an
+    int) or one per block (a sequence)."""
 
-    def __init__(self, net: PathRestore, path: int) -> None:
+    def __init__(self, net: PathRestore, path: Union[int, Sequence[int]]) -> None:
         super().__init__()
         if not isinstance(net, PathRestore):
             raise TypeError(f"FixedPaths net: expected a PathRestore, got {type(net).__name__}")
-        check_number("FixedPaths", "path", path, lo=0, hi=net.num_paths - 1, integer=True)
+        self.paths = block_paths(net, path, "FixedPaths", "path")
         self.net, self.path = net, path
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = torch.full((x.shape[0], self.net.cfg.num_blocks), self.path, dtype=torch.long, device=x.device)
+        a = torch.tensor(self.paths, dtype=torch.long, device=x.device).expand(x.shape[0], -1)
         return self.net.rollout(x, "fixed", actions=a).output

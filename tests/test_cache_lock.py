@@ -181,3 +181,30 @@ def test_a_lock_that_is_not_ours_is_left_alone_on_release(setup, live):
 def test_wait_s_is_checked(setup, bad):
     with pytest.raises((ValueError, TypeError), match="cached_run_seed.wait_s"):
         F.cached_run_seed(CFG, 0, "cpu", "quick", wait_s=bad)
+
+
+def test_the_cache_keeps_the_trained_models_so_a_later_run_loads_them_instead_of_retraining(setup, monkeypatch):
+    import torch
+
+    from causalir import models as registry
+
+    lock, calls = setup
+    torch.manual_seed(0)
+    nets = {f"{r} seed 0": registry.build("srresnet", **CFG.model_cfg) for r in ("baseline", "target")}
+
+    def trains(cfg, seed, device, log=print, models=None):
+        calls.append(seed)
+        models.update(nets)
+        return dict(RESULT, seed=seed)
+
+    monkeypatch.setattr(F, "run_seed", trains)
+    first, again = {}, {}
+    assert _run([], models=first) == dict(RESULT, seed=0) and set(first) == set(nets)
+    weights = F._cache_path(CFG, 0, "cpu", "quick").with_suffix(".safetensors")
+    assert weights.exists() and not list(weights.parent.glob("*.tmp-*"))          # written atomically
+    assert _run([], models=again) == dict(RESULT, seed=0) and calls == [0]        # loaded, not retrained
+    for label, net in nets.items():
+        got = again[label].state_dict()
+        assert all(torch.equal(v, got[k]) for k, v in net.state_dict().items())
+    weights.unlink()                                   # a cache without weights: the seed is computed again
+    assert _run([], models={}) == dict(RESULT, seed=0) and calls == [0, 0] and not lock.exists()

@@ -380,9 +380,19 @@ def test_path_restore_run_records_regions_and_keeps_models():
             "dncnn_steps": 2, "p_grid": {"denoise": [0.0]}, "eval_side": 64}
     rec = X.run("quick", 0, "cpu", keep_models=True, **tiny)
     t = rec["tables"]
-    assert set(rec["models"]) == {"denoise/baseline", "denoise/stage I", "denoise/PR p=0"}
-    # 7 claims of the seed + ours: the route mixes paths, and saves FLOPs against the all-long network
-    assert len(rec["claims"]) == 9 and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
+    assert set(rec["models"]) == {"denoise/baseline", "denoise/stage I", "denoise/PR p=0",
+                                  "denoise/FLOPs-matched static"}
+    # 7 claims of the seed + ours: the route mixes paths, saves FLOPs against the all-long network, beats the
+    # FLOPs-matched static network
+    assert len(rec["claims"]) == 10 and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
+    sel = t["selected"]["denoise"]
+    matched = next(c for c in rec["claims"] if "FLOPs-matched static" in c["claim"])
+    assert sel["static_matched"] in {r["method"] for r in t["test"]}
+    assert "static has at least the FLOPs" in [p["name"] for p in matched["checks"]]
+    static = X.FixedPaths(rec["models"]["denoise/FLOPs-matched static"], tuple(sel["static_paths"]))
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.isfinite(static(x)).all()
     head = t["stage1_headroom"]["denoise"]
     assert head["regions"] > 0 and 0 <= head["share_long_better"] <= 1
     saving = next(c for c in rec["claims"] if "all-long" in c["claim"])
@@ -425,3 +435,49 @@ def test_frozen_network_pathfinder_training_moves_only_the_pathfinder_toward_che
     assert all(torch.equal(q, net0[n]) for n, q in m.named_parameters() if n in net0)   # the network is frozen
     assert all(q.requires_grad for q in m.parameters())                                  # and given back
     assert p_bypass() > before + 0.2 and log[-1]["stage"].startswith("pathfinder")
+
+
+# ------------------------------------------------------------------ FLOPs-matched static network, data-set L0
+def test_matched_static_paths_round_up_to_whole_blocks_and_cost_at_least_the_target(model):
+    t = pr.flop_table(CFG)
+    step = max(t.paths) - min(t.paths)
+    assert pr.matched_static_paths(CFG, t.shortest) == (0, 0, 0)
+    assert pr.matched_static_paths(CFG, t.longest) == (2, 2, 2)
+    assert pr.matched_static_paths(CFG, 10 * t.longest) == (2, 2, 2)        # never more than every block
+    for target in (t.shortest + 0.5 * step, t.shortest + step, t.shortest + 1.01 * step, t.shortest + 2.5 * step):
+        paths = pr.matched_static_paths(CFG, target)
+        k = sum(1 for q in paths if q == 2)
+        assert paths == (2,) * k + (0,) * (3 - k)
+        cost = pr.measured_flops(pr.FixedPaths(model, paths), torch.zeros(1, 3, pr.REGION, pr.REGION))
+        assert cost >= target                                      # the static net never has less computation
+        if k:                                                      # ... and one long block fewer would have
+            fewer = (2,) * (k - 1) + (0,) * (4 - k)
+            assert pr.measured_flops(pr.FixedPaths(model, fewer), torch.zeros(1, 3, pr.REGION, pr.REGION)) < target
+
+
+def test_fixed_paths_per_block_equal_a_fixed_rollout_and_reject_bad_routes(model):
+    x = torch.rand(2, 3, 24, 24, generator=torch.Generator().manual_seed(3))
+    a = torch.tensor([[2, 0, 1], [2, 0, 1]])
+    torch.testing.assert_close(pr.FixedPaths(model, (2, 0, 1))(x), model.rollout(x, "fixed", actions=a).output)
+    torch.testing.assert_close(pr.FixedPaths(model, 1)(x), pr.FixedPaths(model, (1, 1, 1))(x))
+    with pytest.raises(ValueError, match=r"FixedPaths.path: expected one path per block \(3\)"):
+        pr.FixedPaths(model, (1, 1))
+    with pytest.raises(ValueError, match=r"FixedPaths.path\[1\]"):
+        pr.FixedPaths(model, (1, 7, 0))
+
+
+def test_l0_from_regions_is_the_quantile_of_the_long_path_error():
+    cfg, m, s, noise = _tiny_training(8)
+    g = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    l0 = pr.l0_from_regions(m, s, lambda c, gg: noise(c, gg), 0.5, g(), batches=3)
+    gen, errs = g(), []
+    long_ = pr.FixedPaths(m, m.num_paths - 1)
+    with torch.no_grad():
+        for _ in range(3):
+            c = s.sample(gen)
+            errs.append(pr.per_sample_mse(long_(noise(c, gen)), c))
+    assert l0 == pytest.approx(float(np.quantile(torch.cat(errs).double().numpy(), 0.5)), rel=1e-9)
+    hi = pr.l0_from_regions(m, s, lambda c, gg: noise(c, gg), 0.9, g(), batches=3)
+    assert hi > l0
+    with pytest.raises(ValueError, match="TrainRecipe.l0_quantile"):
+        pr.TrainRecipe(l0_quantile=1.5)

@@ -4,6 +4,7 @@ and the ``rl-restore`` experiment (profiles, record, claims and their preconditi
 
 import gymnasium as gym
 import numpy as np
+import math
 import pytest
 import torch
 import torch.nn as nn
@@ -590,3 +591,23 @@ def test_q_values_follow_the_greedy_chain():
     chain = rl.greedy_chains(agent, box, dist[:1]).actions[0].tolist()
     assert [q["action"] for q in qs] == [tc.ACTION_NAMES[a] for a in chain if a >= 0]
     assert all(len(q["q"]) == 13 and q["action"] == tc.ACTION_NAMES[int(np.argmax(q["q"]))] for q in qs)
+
+
+def test_pooled_gain_is_the_set_psnr_gain_with_a_jackknife_se():
+    g = torch.Generator().manual_seed(0)
+    mse_in = torch.rand(50, generator=g, dtype=torch.float64) * 1e-3 + 1e-4
+    mse_out = mse_in * (0.5 + torch.rand(50, generator=g, dtype=torch.float64))
+    gain, se, pseudo = tc.pooled_gain(mse_in, mse_out)
+    assert gain == pytest.approx(10 * math.log10(float(mse_in.sum() / mse_out.sum())), rel=1e-9)
+    # the jackknife SE from its definition, and the pseudo-values' SE equals it
+    n = 50
+    loo = [10 * math.log10(float((mse_in.sum() - mse_in[i]) / (mse_out.sum() - mse_out[i]))) for i in range(n)]
+    m = sum(loo) / n
+    assert se == pytest.approx(math.sqrt((n - 1) / n * sum((v - m) ** 2 for v in loo)), rel=1e-6)
+    ps = torch.tensor(pseudo, dtype=torch.float64)
+    assert float(ps.std() / n ** 0.5) == pytest.approx(se, rel=1e-6)
+    # a patch the distortion left exact does not swamp the others (a per-patch PSNR mean would lose ~50 dB)
+    exact = torch.cat([mse_in, torch.zeros(1, dtype=torch.float64)])
+    nudged = torch.cat([mse_out, torch.full((1,), (0.5 / 255) ** 2, dtype=torch.float64)])
+    assert abs(tc.pooled_gain(exact, nudged)[0] - gain) < 0.05
+    assert tc.pooled_gain(mse_in, mse_in)[:2] == (0.0, 0.0)            # an identity gains exactly nothing

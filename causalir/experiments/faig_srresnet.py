@@ -545,12 +545,53 @@ def _release_lock(lock) -> None:
         lock.unlink(missing_ok=True)
 
 
+def _weights_path(path):
+    return path.with_suffix(".safetensors")
+
+
+def _save_cached_models(trained: Mapping[str, nn.Module], path) -> None:
+    """The seed's trained networks beside its cache JSON, one safetensors file (``<label>/<parameter>`` keys),
+    written atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    flat = {f"{label}/{k}": v.detach().cpu().contiguous() for label, m in trained.items()
+            for k, v in m.state_dict().items()}
+    tmp = _weights_path(path).with_name(_weights_path(path).name + f".tmp-{os.getpid()}")
+    save_file(flat, str(tmp))
+    os.replace(tmp, _weights_path(path))
+
+
+def _load_cached_models(cfg: FAIGConfig, seed: int, path, device: str, models: Dict[str, nn.Module]) -> bool:
+    """Fill ``models`` with the seed's cached baseline and target (False when the cache has no weights, e.g. a
+    cache written before they were kept: the seed is then recomputed)."""
+    from safetensors.torch import load_file
+
+    from .. import models as registry
+
+    wp = _weights_path(path)
+    if not wp.exists():
+        return False
+    flat = load_file(str(wp))
+    out = {}
+    for role in ("baseline", "target"):
+        label = f"{role} seed {seed}"
+        sd = {k[len(label) + 1:]: v for k, v in flat.items() if k.startswith(label + "/")}
+        if not sd:
+            return False
+        net = registry.build("srresnet", **cfg.model_cfg)
+        net.load_state_dict(sd)
+        out[label] = net.to(device).eval()
+    models.update(out)
+    return True
+
+
 def cached_run_seed(cfg: FAIGConfig, seed: int, device: str, profile: str, *, wait_s: float = 7200,
                     models: Optional[Dict[str, nn.Module]] = None,
                     log: Callable[[str], None] = print) -> Dict[str, Any]:
     """:func:`run_seed` with a per-seed cache keyed by (config, seed, device, cache version), so seeds can run in
-    separate processes (``python -m causalir.experiments.faig_srresnet PROFILE SEED``). With ``models`` (a dict to
-    fill) the seed is always recomputed (the cache holds no weights). The result is always the JSON round trip of
+    separate processes (``python -m causalir.experiments.faig_srresnet PROFILE SEED``). The cache keeps the
+    trained baseline and target beside the JSON (one safetensors file, written first; the JSON marks the unit
+    complete), so ``models`` (a dict to fill) comes from the cache too. The result is always the JSON round trip of
     the cache file.
 
     The seed is computed under a lock file next to the cache (created atomically) that records the owner's PID,
@@ -563,12 +604,12 @@ def cached_run_seed(cfg: FAIGConfig, seed: int, device: str, profile: str, *, wa
     check_number("cached_run_seed", "wait_s", wait_s, lo=0)
     path = _cache_path(cfg, seed, device, profile)
     lock = path.with_suffix(".lock")
-    if models is None and path.exists():
+    if path.exists() and (models is None or _load_cached_models(cfg, seed, path, device, models)):
         return json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     t0, told = time.monotonic(), None
     while not _try_lock(lock):
-        if models is None and path.exists():
+        if path.exists() and (models is None or _load_cached_models(cfg, seed, path, device, models)):
             return json.loads(path.read_text())
         text, info = _read_lock(lock)
         if text is None:
@@ -588,10 +629,15 @@ def cached_run_seed(cfg: FAIGConfig, seed: int, device: str, profile: str, *, wa
             told = waited
         time.sleep(min(LOCK_POLL_S, max(wait_s - waited, 0.0)))
     try:
-        if models is None and path.exists():  # finished by the previous holder
-            return json.loads(path.read_text())
-        res = run_seed(cfg, seed, device, models=models)
+        if path.exists() and (models is None or _load_cached_models(cfg, seed, path, device, models)):
+            return json.loads(path.read_text())  # finished by the previous holder
+        trained: Dict[str, nn.Module] = {}
+        res = run_seed(cfg, seed, device, models=trained)
+        # the unit: weights first, the JSON last (its presence means the seed is complete)
+        _save_cached_models(trained, path)
         atomic_write_json(path, res)
+        if models is not None:
+            models.update(trained)
         return json.loads(path.read_text())
     finally:
         _release_lock(lock)
