@@ -389,6 +389,9 @@ def test_path_restore_run_records_regions_and_keeps_models():
     matched = next(c for c in rec["claims"] if "FLOPs-matched static" in c["claim"])
     assert sel["static_matched"] in {r["method"] for r in t["test"]}
     assert "static has at least the FLOPs" in [p["name"] for p in matched["checks"]]
+    # the shipped denoisers whose model cards carry metrics are models the run keeps
+    assert set(X.card_tasks(rec)) == {"denoise/PR p=0"} and set(X.card_tasks(rec)) <= set(rec["models"])
+    assert X.EXPERIMENT.card_tasks is X.card_tasks
     static = X.FixedPaths(rec["models"]["denoise/FLOPs-matched static"], tuple(sel["static_paths"]))
     x = torch.rand(1, 3, 32, 32)
     with torch.no_grad():

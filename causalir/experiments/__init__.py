@@ -90,7 +90,8 @@ def run(name: str, profile: str = "quick", seed: int = 0, device: str = "auto", 
                    + (f" --set {sets}" if sets else ""))
         ok, skipped = shipping.shippable(rec.get("models") or {})
         if ok:
-            shipping.save(name, profile, seed, ok, record=rec, command=command, overwrite=overwrite,
+            tasks = exp.card_tasks(rec) if exp.card_tasks is not None else None
+            shipping.save(name, profile, seed, ok, record=rec, command=command, overwrite=overwrite, tasks=tasks,
                           folder=None if out_dir is None else Path(out_dir) / "models")
         rec["_not_shipped"] = skipped
     return rec

@@ -460,4 +460,14 @@ def show_path_map(results: Dict[str, Any], image: torch.Tensor, p_index: int = 0
     return fig
 
 
-EXPERIMENT = Experiment(NAME, PROFILES, PAPER, SOURCE, run, claims, notebook="09_path_restore.ipynb")
+def card_tasks(record: Mapping[str, Any]) -> Dict[str, Any]:
+    """The shipped denoisers whose cards carry metrics: every Path-Restore of the denoise task (run greedily, as at
+    test time), under Gaussian noise sigma = 25, the middle of its training range."""
+    from .. import distortions as D
+
+    ps = record.get("config", {}).get("p_grid", {}).get("denoise", [])
+    return {f"denoise/PR p={float(p):g}": D.GaussianNoise(25.0) for p in ps}
+
+
+EXPERIMENT = Experiment(NAME, PROFILES, PAPER, SOURCE, run, claims, notebook="09_path_restore.ipynb",
+                        card_tasks=card_tasks)

@@ -30,6 +30,9 @@ class Experiment:
     claims: Callable[[Mapping[str, Any]], List[Claim]]
     notebook: str = ""
     load_models: Callable[..., Dict[str, Any]] = None  # type: ignore[assignment]
+    #: ``card_tasks(record) -> {label: distortion}``: the shipped restorers whose model cards carry metrics (the
+    #: PSNR they reach under that distortion, and the check a test recomputes); None: no card metrics
+    card_tasks: Optional[Callable[[Mapping[str, Any]], Dict[str, Any]]] = None
 
     def __post_init__(self) -> None:
         if set(self.profiles) != {"quick", "medium", "full"}:

@@ -51,7 +51,6 @@ NOT_SHIPPED: Dict[str, str] = {
     "rl-restore-medium": "issue 12 re-runs it (dead tools, an agent blind to the image)",
     "path-restore-medium": "issue 12 re-runs it (the pathfinder routes everything to the bypass)",
     "adms-rbn-medium": "issue 14 re-runs it on models that pass the restorer gate",
-    "faig-srresnet-medium": "issue 14 re-runs it on models that pass the restorer gate",
 }
 
 
