@@ -221,22 +221,23 @@ class PathRestore(nn.Module):
     def rollout(self, x: torch.Tensor, mode: str = "greedy", actions: Optional[torch.Tensor] = None,
                 generator: Optional[torch.Generator] = None, temperature: float = 1.0) -> Rollout:
         """Run the network with paths chosen by ``mode``: ``greedy`` / ``sample`` (pathfinder), ``random``
-        (uniform, stage I), ``fixed`` (the given (B,N) ``actions``)."""
-        modes = ("greedy", "sample", "random", "fixed")
+        (uniform, stage I), ``fixed`` (the given (B,N) ``actions``), ``score`` (the given ``actions``, with the
+        pathfinder's log-probabilities and entropies of them along the way: the exact expected reward)."""
+        modes = ("greedy", "sample", "random", "fixed", "score")
         if mode not in modes:
             raise ValueError(f"unknown mode {mode!r}; valid modes: {', '.join(modes)}")
         _check_x(x, "PathRestore.rollout x", check_range=False)
         check_number("PathRestore.rollout", "temperature", temperature, lo=0, lo_open=True)
         n, nb = x.shape[0], self.cfg.num_blocks
-        if mode == "fixed":
+        if mode in ("fixed", "score"):
             if actions is None or tuple(actions.shape) != (n, nb):
                 got = None if actions is None else tuple(actions.shape)
-                raise ValueError(f"mode 'fixed' needs actions of shape ({n}, {nb}), got {got}")
+                raise ValueError(f"mode {mode!r} needs actions of shape ({n}, {nb}), got {got}")
             _check_int_tensor("PathRestore.rollout actions", actions, (n, nb), self.num_paths)
             actions = actions.to(x.device).long()
         elif mode == "random":
             actions = torch.randint(self.num_paths, (n, nb), generator=generator, device=x.device)
-        use_pf = mode in ("greedy", "sample")
+        use_pf = mode in ("greedy", "sample", "score")
         h = self.head(x)
         state = self.pathfinder.init_state(n, h) if use_pf else None
         acts, logps, ents = [], [], []
@@ -246,6 +247,8 @@ class PathRestore(nn.Module):
                 logp_all = F.log_softmax(logits / temperature, dim=1)
                 if mode == "greedy":
                     a = logits.argmax(1)
+                elif mode == "score":
+                    a = actions[:, i]
                 else:
                     a = torch.multinomial(logp_all.exp(), 1, generator=generator).squeeze(1)
                 logps.append(logp_all.gather(1, a[:, None]).squeeze(1))
@@ -562,6 +565,13 @@ class TrainRecipe:
     #: reference), each with ``pf_samples`` routings sampled per region and a leave-one-out baseline
     pf_steps: int = 0
     pf_samples: int = 4
+    #: the frozen-network pathfinder steps maximise the *exact* expected reward over every routing (M^N of them,
+    #: for few blocks) instead of sampling ``pf_samples`` routings (:func:`train_pathfinder`)
+    pf_exact: bool = False
+    #: with ``pf_exact``: 0 maximises the exact expected return; tau > 0 instead fits the routing policy to
+    #: softmax(A / tau), the maximum-entropy optimum of the (standardised) advantages A, by cross-entropy (the
+    #: expected return's gradient vanishes once the softmax saturates; the cross-entropy's does not)
+    pf_tau: float = 0.0
     #: ours (issue 12): set ``l0`` from the data instead: this quantile of the stage-I network's per-region output
     #: MSE (all blocks on the longest path) on training patches (:func:`l0_from_regions`); None keeps ``l0``
     l0_quantile: Optional[float] = None
@@ -569,6 +579,8 @@ class TrainRecipe:
     def __post_init__(self) -> None:
         o = "TrainRecipe"
         check_number(o, "l0_quantile", self.l0_quantile, lo=0, lo_open=True, hi=1, allow_none=True)
+        check_choice(o, "pf_exact", self.pf_exact, (False, True))
+        check_number(o, "pf_tau", self.pf_tau, lo=0)
         check_number(o, "pf_steps", self.pf_steps, lo=0, integer=True)
         check_number(o, "pf_samples", self.pf_samples, lo=2, integer=True)
         check_choice(o, "baseline", self.baseline, ("greedy", "mean", "none"))
@@ -727,6 +739,14 @@ def train_pathfinder(model: PathRestore, sampler, distort: Callable, recipe: Tra
         for step in range(recipe.pf_steps):
             clean = sampler.sample(gen)
             noisy = distort(clean, gen)
+            if recipe.pf_exact:
+                pg, info = exact_policy_loss(model, noisy, clean, recipe, p)
+                opt_pf.zero_grad(set_to_none=True)
+                pg.backward()
+                opt_pf.step()
+                if log is not None and (step % 25 == 0 or step == recipe.pf_steps - 1):
+                    log.append({"stage": "pathfinder (frozen network, exact)", "p": p, "step": step, **info})
+                continue
             x, c = noisy.repeat(k, 1, 1, 1), clean.repeat(k, 1, 1, 1)
             ro = model.rollout(x, "sample", generator=gen, temperature=recipe.temperature)
             with torch.no_grad():
@@ -747,6 +767,50 @@ def train_pathfinder(model: PathRestore, sampler, distort: Callable, recipe: Tra
         for q, w in zip(net, was):
             q.requires_grad_(w)
     return model
+
+
+def all_routes(num_paths: int, num_blocks: int, device=None) -> torch.Tensor:
+    """Every routing, (M^N, N): row r is r written in base M (block 0 the most significant digit)."""
+    check_number("all_routes", "num_paths", num_paths, lo=1, integer=True)
+    check_number("all_routes", "num_blocks", num_blocks, lo=1, integer=True)
+    r = torch.arange(num_paths ** num_blocks, device=device)
+    return torch.stack([(r // num_paths ** (num_blocks - 1 - i)) % num_paths for i in range(num_blocks)], 1)
+
+
+def exact_policy_loss(model: PathRestore, noisy: torch.Tensor, clean: torch.Tensor, recipe: TrainRecipe,
+                      p: float) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Minus the exact expected return of the pathfinder's routing policy over every routing r of every region,
+    E_x = sum_r pi(r | x) R(x, r), R the difficulty-regulated return (:func:`difficulty_rewards`, the difficulty
+    L_d from the greedy routing), minus ``entropy_coef`` times the exact entropy of pi(. | x). Returns are centred
+    per region and scaled by their batch standard deviation (neither moves the argmax). The gradient is the exact
+    policy gradient: no sampling, no baseline (feasible when M^N is small: 16 routings for 4 blocks of 2 paths).
+    With ``recipe.pf_tau`` > 0 the loss is instead the cross-entropy -sum_r softmax(A / tau)_r log pi(r | x)."""
+    nr = model.num_paths ** model.cfg.num_blocks
+    b = noisy.shape[0]
+    routes = all_routes(model.num_paths, model.cfg.num_blocks, noisy.device)          # (R, N)
+    acts = routes.repeat_interleave(b, 0)                                              # (R*B, N): route-major
+    x, c = noisy.repeat(nr, 1, 1, 1), clean.repeat(nr, 1, 1, 1)
+    ro = model.rollout(x, "score", actions=acts)
+    with torch.no_grad():
+        mse_out, mse_in = per_sample_mse(ro.output, c), per_sample_mse(x, c)
+        gmse = per_sample_mse(model.rollout(noisy, "greedy").output, clean).repeat(nr)
+        ret = difficulty_rewards(acts, mse_in, mse_out, p, recipe.l0, model.cfg.path_blocks, gmse).sum(1)
+        ret = ret.view(nr, b)
+        adv = ret - ret.mean(0, keepdim=True)
+        adv = adv / (adv.std() + 1e-12)
+    logp = ro.log_probs.sum(1).view(nr, b)                                             # log pi(r | x)
+    prob = logp.exp()
+    expected = (prob * adv).sum(0)
+    entropy = -(prob * logp).sum(0)
+    if recipe.pf_tau > 0:   # cross-entropy to the maximum-entropy optimum softmax(A / tau) over the routings
+        loss = -(torch.softmax(adv / recipe.pf_tau, 0) * logp).sum(0).mean()
+    else:
+        loss = -(expected + recipe.entropy_coef * entropy).mean()
+    best = ret.argmax(0)
+    info = {"expected_adv": float(expected.detach().mean()), "entropy": float(entropy.detach().mean()),
+            "greedy_is_best": float((logp.detach().argmax(0) == best).float().mean()),
+            "best_routes_distinct": float(len(torch.unique(best)))}
+    return loss, info
 
 
 def l0_from_regions(model: PathRestore, sampler, distort: Callable, q: float, gen: torch.Generator,

@@ -128,3 +128,13 @@ def test_a_claim_without_evidence_is_inconclusive_and_shows_no_number():
     # a failed precondition is named before the missing evidence
     c = C.effect("x", 1.0, units=[], require=[C.check("table", False, "no per-region table")])
     assert c.why == "no per-region table"
+
+
+def test_a_policy_on_one_action_nearly_everywhere_is_degenerate():
+    """199 of 200 patches on one chain is an open-loop chain, not a policy (the medium DQN agent, issue 12)."""
+    nearly = C.non_degenerate(["d2+d2+d2"] * 199 + ["d2+d2+d4"], "toolchain policy")
+    assert not nearly.ok and "199 of 200" in nearly.detail and "> 90%" in nearly.detail
+    assert C.non_degenerate(["a"] * 90 + ["b"] * 10).ok                      # at the limit: 90% is still a policy
+    assert not C.non_degenerate(["a"] * 91 + ["b"] * 9).ok
+    assert C.non_degenerate(["a"] * 6 + ["b"] * 4, max_share=0.5).ok is False
+    assert not C.non_degenerate([]).ok and "no actions" in C.non_degenerate([]).detail

@@ -484,3 +484,47 @@ def test_l0_from_regions_is_the_quantile_of_the_long_path_error():
     assert hi > l0
     with pytest.raises(ValueError, match="TrainRecipe.l0_quantile"):
         pr.TrainRecipe(l0_quantile=1.5)
+
+
+# ------------------------------------------------------ the exact expected reward over every routing (issue 12)
+def test_all_routes_enumerates_every_routing_once():
+    r = pr.all_routes(3, 2)
+    assert r.tolist() == [[a, b] for a in range(3) for b in range(3)]
+    assert len({tuple(v) for v in pr.all_routes(2, 4).tolist()}) == 16
+
+
+def test_exact_policy_loss_is_the_expected_return_and_training_on_it_raises_it():
+    cfg, m, s, noise = _tiny_training(6)
+    rec = pr.TrainRecipe(batch_size=6, patch_size=16, pf_lr=5e-2, pf_steps=15, pf_exact=True, entropy_coef=0.0)
+    gen = torch.Generator().manual_seed(0)
+    clean = s.sample(gen)
+    noisy = noise(clean, gen)
+
+    def expected(model):
+        """sum_r pi(r|x) A(x, r) by one 'score' rollout per routing (the loss computes all at once)."""
+        routes = pr.all_routes(model.num_paths, cfg.num_blocks)
+        with torch.no_grad():
+            gmse = pr.per_sample_mse(model.rollout(noisy, "greedy").output, clean)
+            rets, probs = [], []
+            for r in routes:
+                a = r.expand(noisy.shape[0], -1)
+                ro = model.rollout(noisy, "score", actions=a)
+                mse = pr.per_sample_mse(ro.output, clean)
+                rets.append(pr.difficulty_rewards(a, pr.per_sample_mse(noisy, clean), mse, 1e-4, rec.l0,
+                                                  cfg.path_blocks, gmse).sum(1))
+                probs.append(ro.log_probs.sum(1).exp())
+            ret, prob = torch.stack(rets), torch.stack(probs)
+        adv = ret - ret.mean(0, keepdim=True)
+        return float((prob * adv / adv.std()).sum(0).mean()), prob
+
+    before, prob = expected(m)
+    torch.testing.assert_close(prob.sum(0), torch.ones(noisy.shape[0]))          # a distribution over routings
+    loss, info = pr.exact_policy_loss(m, noisy, clean, rec, 1e-4)
+    assert float(-loss.detach()) == pytest.approx(before, rel=1e-4)               # the loss is that expectation
+    fixed = iter([clean] * rec.pf_steps)
+    class Same:                                                                   # the same batch every step
+        def sample(self, g):
+            return next(fixed)
+    pr.train_pathfinder(m, Same(), lambda c, g: noisy, rec, 1e-4, torch.Generator().manual_seed(1))
+    after, _ = expected(m)
+    assert after > before + 0.05, (before, after)

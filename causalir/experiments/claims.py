@@ -125,18 +125,30 @@ def headroom(oracle_psnr: Union[float, Sequence[float]], baseline_psnr: Union[fl
     return Precondition("headroom", ok, detail)
 
 
-def non_degenerate(actions: Iterable[Any], what: str = "policy") -> Precondition:
-    """A policy that takes more than one distinct action over its inputs (one action everywhere is no result)."""
+#: a policy whose commonest action covers more than this share of its inputs is degenerate (one action nearly
+#: everywhere: 199 of 200 patches on one chain is an open-loop chain, not a policy)
+MAX_ACTION_SHARE = 0.9
+
+
+def non_degenerate(actions: Iterable[Any], what: str = "policy", max_share: float = MAX_ACTION_SHARE) -> Precondition:
+    """A policy that takes more than one distinct action over its inputs, none of them on more than ``max_share``
+    of the inputs (one action everywhere, or nearly everywhere, is no result)."""
+    from collections import Counter
+
     acts = [a if not isinstance(a, (list, tuple)) else tuple(a) for a in actions]
-    distinct = set(acts)
-    ok = len(distinct) > 1
-    if ok:
-        detail = f"{what} takes {len(distinct)} distinct actions over {len(acts)} inputs"
-    elif distinct:
-        detail = f"degenerate {what}: all {len(acts)} inputs take the same action ({next(iter(distinct))})"
-    else:
-        detail = f"degenerate {what}: no actions recorded"
-    return Precondition("non-degenerate", ok, detail)
+    counts = Counter(acts)
+    if not counts:
+        return Precondition("non-degenerate", False, f"degenerate {what}: no actions recorded")
+    top, k = counts.most_common(1)[0]
+    n = len(acts)
+    if len(counts) == 1:
+        return Precondition("non-degenerate", False, f"degenerate {what}: all {n} inputs take the same action ({top})")
+    if k / n > max_share:
+        return Precondition("non-degenerate", False,
+                            f"degenerate {what}: {k} of {n} inputs ({k / n:.1%} > {max_share:.0%}) take the same "
+                            f"action ({top})")
+    return Precondition("non-degenerate", True, f"{what} takes {len(counts)} distinct actions over {n} inputs "
+                                                f"(the commonest, {top}, on {k / n:.0%})")
 
 
 def check(name: str, ok: bool, detail: str) -> Precondition:

@@ -48,8 +48,6 @@ NOT_SHIPPED: Dict[str, str] = {
     "dil-deblur-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
     "dil-types-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
     "dil-backbones-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
-    "rl-restore-medium": "issue 12 re-runs it (dead tools, an agent blind to the image)",
-    "path-restore-medium": "issue 12 re-runs it (the pathfinder routes everything to the bypass)",
     "adms-rbn-medium": "issue 14 re-runs it on models that pass the restorer gate",
 }
 
