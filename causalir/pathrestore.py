@@ -572,6 +572,10 @@ class TrainRecipe:
     #: softmax(A / tau), the maximum-entropy optimum of the (standardised) advantages A, by cross-entropy (the
     #: expected return's gradient vanishes once the softmax saturates; the cross-entropy's does not)
     pf_tau: float = 0.0
+    #: with ``pf_exact``: standardise the advantages over the whole batch (``batch``) or per region over its
+    #: routings (``region``: every region weighs alike; batch-wise, the high-noise regions' large return
+    #: differences dominate and the policy learned one route for all, issue 12)
+    pf_norm: str = "batch"
     #: ours (issue 12): set ``l0`` from the data instead: this quantile of the stage-I network's per-region output
     #: MSE (all blocks on the longest path) on training patches (:func:`l0_from_regions`); None keeps ``l0``
     l0_quantile: Optional[float] = None
@@ -581,6 +585,7 @@ class TrainRecipe:
         check_number(o, "l0_quantile", self.l0_quantile, lo=0, lo_open=True, hi=1, allow_none=True)
         check_choice(o, "pf_exact", self.pf_exact, (False, True))
         check_number(o, "pf_tau", self.pf_tau, lo=0)
+        check_choice(o, "pf_norm", self.pf_norm, ("batch", "region"))
         check_number(o, "pf_steps", self.pf_steps, lo=0, integer=True)
         check_number(o, "pf_samples", self.pf_samples, lo=2, integer=True)
         check_choice(o, "baseline", self.baseline, ("greedy", "mean", "none"))
@@ -782,7 +787,8 @@ def exact_policy_loss(model: PathRestore, noisy: torch.Tensor, clean: torch.Tens
     """Minus the exact expected return of the pathfinder's routing policy over every routing r of every region,
     E_x = sum_r pi(r | x) R(x, r), R the difficulty-regulated return (:func:`difficulty_rewards`, the difficulty
     L_d from the greedy routing), minus ``entropy_coef`` times the exact entropy of pi(. | x). Returns are centred
-    per region and scaled by their batch standard deviation (neither moves the argmax). The gradient is the exact
+    per region and scaled by their standard deviation over the batch or, ``recipe.pf_norm='region'``, over each
+    region's routings (neither moves a region's argmax). The gradient is the exact
     policy gradient: no sampling, no baseline (feasible when M^N is small: 16 routings for 4 blocks of 2 paths).
     With ``recipe.pf_tau`` > 0 the loss is instead the cross-entropy -sum_r softmax(A / tau)_r log pi(r | x)."""
     nr = model.num_paths ** model.cfg.num_blocks
@@ -797,7 +803,7 @@ def exact_policy_loss(model: PathRestore, noisy: torch.Tensor, clean: torch.Tens
         ret = difficulty_rewards(acts, mse_in, mse_out, p, recipe.l0, model.cfg.path_blocks, gmse).sum(1)
         ret = ret.view(nr, b)
         adv = ret - ret.mean(0, keepdim=True)
-        adv = adv / (adv.std() + 1e-12)
+        adv = adv / ((adv.std(0, keepdim=True) if recipe.pf_norm == "region" else adv.std()) + 1e-12)
     logp = ro.log_probs.sum(1).view(nr, b)                                             # log pi(r | x)
     prob = logp.exp()
     expected = (prob * adv).sum(0)

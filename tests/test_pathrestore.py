@@ -528,3 +528,24 @@ def test_exact_policy_loss_is_the_expected_return_and_training_on_it_raises_it()
     pr.train_pathfinder(m, Same(), lambda c, g: noisy, rec, 1e-4, torch.Generator().manual_seed(1))
     after, _ = expected(m)
     assert after > before + 0.05, (before, after)
+
+
+def test_region_normalised_advantages_weigh_every_region_alike():
+    """pf_norm='region' standardises each region's advantages over its routings: scaling one region's noise (and so
+    its return differences) leaves its soft target unchanged, unlike the batch-wise standardisation."""
+    cfg, m, s, noise = _tiny_training(4)
+    gen = torch.Generator().manual_seed(0)
+    clean = s.sample(gen)
+    noisy = noise(clean, gen)
+    for norm in ("batch", "region"):
+        rec = pr.TrainRecipe(batch_size=4, patch_size=16, pf_exact=True, pf_tau=0.5, pf_norm=norm)
+        loss, _ = pr.exact_policy_loss(m, noisy, clean, rec, 1e-4)
+        assert torch.isfinite(loss)
+    grads = []
+    for norm in ("batch", "region"):     # the same uniform policy, different soft targets: different gradients
+        m.zero_grad()
+        pr.exact_policy_loss(m, noisy, clean, pr.TrainRecipe(pf_exact=True, pf_tau=0.5, pf_norm=norm), 1e-4)[0].backward()
+        grads.append(torch.cat([q.grad.flatten() for q in m.pathfinder.parameters() if q.grad is not None]))
+    assert not torch.allclose(grads[0], grads[1])
+    with pytest.raises(ValueError, match="TrainRecipe.pf_norm"):
+        pr.TrainRecipe(pf_norm="global")
