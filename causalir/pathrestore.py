@@ -1098,7 +1098,7 @@ class FixedPaths(nn.Module):
         if not isinstance(net, PathRestore):
             raise TypeError(f"FixedPaths net: expected a PathRestore, got {type(net).__name__}")
         self.paths = block_paths(net, path, "FixedPaths", "path")
-        self.net, self.path = net, path
+        self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a = torch.tensor(self.paths, dtype=torch.long, device=x.device).expand(x.shape[0], -1)

@@ -604,12 +604,17 @@ def cached_run_seed(cfg: FAIGConfig, seed: int, device: str, profile: str, *, wa
     check_number("cached_run_seed", "wait_s", wait_s, lo=0)
     path = _cache_path(cfg, seed, device, profile)
     lock = path.with_suffix(".lock")
-    if path.exists() and (models is None or _load_cached_models(cfg, seed, path, device, models)):
+
+    def cached() -> bool:
+        """The seed is complete in the cache (and, when ``models`` is asked for, its weights were loaded)."""
+        return path.exists() and (models is None or _load_cached_models(cfg, seed, path, device, models))
+
+    if cached():
         return json.loads(path.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
     t0, told = time.monotonic(), None
     while not _try_lock(lock):
-        if path.exists() and (models is None or _load_cached_models(cfg, seed, path, device, models)):
+        if cached():
             return json.loads(path.read_text())
         text, info = _read_lock(lock)
         if text is None:
@@ -629,7 +634,7 @@ def cached_run_seed(cfg: FAIGConfig, seed: int, device: str, profile: str, *, wa
             told = waited
         time.sleep(min(LOCK_POLL_S, max(wait_s - waited, 0.0)))
     try:
-        if path.exists() and (models is None or _load_cached_models(cfg, seed, path, device, models)):
+        if cached():
             return json.loads(path.read_text())  # finished by the previous holder
         trained: Dict[str, nn.Module] = {}
         res = run_seed(cfg, seed, device, models=trained)
