@@ -579,10 +579,14 @@ class TrainRecipe:
     #: ours (issue 12): set ``l0`` from the data instead: this quantile of the stage-I network's per-region output
     #: MSE (all blocks on the longest path) on training patches (:func:`l0_from_regions`); None keeps ``l0``
     l0_quantile: Optional[float] = None
+    #: ours (issue 12): the pathfinder's learning rate in stage II (None = ``pf_lr``): after ``pf_steps`` on the
+    #: frozen network the joint stage fine-tunes, so its pathfinder steps shrink as ``lr_stage2`` does the network's
+    pf_lr_stage2: Optional[float] = None
 
     def __post_init__(self) -> None:
         o = "TrainRecipe"
         check_number(o, "l0_quantile", self.l0_quantile, lo=0, lo_open=True, hi=1, allow_none=True)
+        check_number(o, "pf_lr_stage2", self.pf_lr_stage2, lo=0, lo_open=True, allow_none=True)
         check_choice(o, "pf_exact", self.pf_exact, (False, True))
         check_number(o, "pf_tau", self.pf_tau, lo=0)
         check_choice(o, "pf_norm", self.pf_norm, ("batch", "region"))
@@ -675,7 +679,8 @@ def train_stage2(model: PathRestore, sampler, distort: Callable, recipe: TrainRe
     check_number("train_stage2", "p", p, lo=0)
     net = [q for n, q in model.named_parameters() if not n.startswith("pathfinder.")]
     opt_net, sched = _adam_cosine(net, recipe.lr_stage2, recipe.stage2_steps)
-    opt_pf, _ = _adam_cosine(model.pathfinder.parameters(), recipe.pf_lr, recipe.stage2_steps, schedule=False)
+    pf_lr = recipe.pf_lr if recipe.pf_lr_stage2 is None else recipe.pf_lr_stage2
+    opt_pf, _ = _adam_cosine(model.pathfinder.parameters(), pf_lr, recipe.stage2_steps, schedule=False)
     model.train()
     for step in range(recipe.stage2_steps):
         clean = sampler.sample(gen)
@@ -733,6 +738,8 @@ def train_pathfinder(model: PathRestore, sampler, distort: Callable, recipe: Tra
     policy gradient on routings sampled from the model itself, on a parameter subset."""
     _check_stage("train_pathfinder", model, sampler, distort, recipe)
     check_number("train_pathfinder", "p", p, lo=0)
+    if recipe.pf_exact:
+        return train_pathfinders({p: model}, sampler, distort, recipe, gen, log)[p]
     net = [q for n, q in model.named_parameters() if not n.startswith("pathfinder.")]
     was = [q.requires_grad for q in net]
     for q in net:
@@ -744,14 +751,6 @@ def train_pathfinder(model: PathRestore, sampler, distort: Callable, recipe: Tra
         for step in range(recipe.pf_steps):
             clean = sampler.sample(gen)
             noisy = distort(clean, gen)
-            if recipe.pf_exact:
-                pg, info = exact_policy_loss(model, noisy, clean, recipe, p)
-                opt_pf.zero_grad(set_to_none=True)
-                pg.backward()
-                opt_pf.step()
-                if log is not None and (step % 25 == 0 or step == recipe.pf_steps - 1):
-                    log.append({"stage": "pathfinder (frozen network, exact)", "p": p, "step": step, **info})
-                continue
             x, c = noisy.repeat(k, 1, 1, 1), clean.repeat(k, 1, 1, 1)
             ro = model.rollout(x, "sample", generator=gen, temperature=recipe.temperature)
             with torch.no_grad():
@@ -774,6 +773,47 @@ def train_pathfinder(model: PathRestore, sampler, distort: Callable, recipe: Tra
     return model
 
 
+def train_pathfinders(models: Mapping[float, PathRestore], sampler, distort: Callable, recipe: TrainRecipe,
+                      gen: torch.Generator, log: Optional[List[dict]] = None) -> Dict[float, PathRestore]:
+    """The pathfinders of several penalties p (``models``: p -> a copy of the same frozen network) on the exact
+    objective (:func:`tree_policy_loss`), ``recipe.pf_steps`` steps on the same batches: the network is frozen and
+    shared, so one :func:`route_tree` per batch serves every p and the cost is nearly that of one p.
+
+    A plain loop outside :func:`causalir.train.fit` like :func:`train_pathfinder`: one optimiser per pathfinder on
+    a parameter subset, the objective an expectation over the model's own routing distribution."""
+    if not isinstance(models, Mapping) or not models:
+        raise ValueError(f"train_pathfinders models: expected a non-empty {{p: PathRestore}} dict, got {models!r}")
+    if not recipe.pf_exact:
+        raise ValueError("train_pathfinders: needs recipe.pf_exact=True (the sampled objective trains one p at a time: "
+                         "train_pathfinder)")
+    ps = list(models)
+    for p in ps:
+        check_number("train_pathfinders", "p", p, lo=0)
+        _check_stage("train_pathfinders", models[p], sampler, distort, recipe)
+    first = models[ps[0]]
+    net0 = {n: q for n, q in first.named_parameters() if not n.startswith("pathfinder.")}
+    for p in ps[1:]:
+        other = {n: q for n, q in models[p].named_parameters() if not n.startswith("pathfinder.")}
+        if other.keys() != net0.keys() or any(not torch.equal(other[n], net0[n]) for n in net0):
+            raise ValueError(f"train_pathfinders models[{p!r}]: its network differs from models[{ps[0]!r}]'s; every "
+                             "p must start from the same frozen network (copies of one stage-I model)")
+    opts = {p: _adam_cosine(models[p].pathfinder.parameters(), recipe.pf_lr, recipe.pf_steps, schedule=False)[0]
+            for p in ps}
+    for m in models.values():
+        m.train()
+    for step in range(recipe.pf_steps):
+        clean = sampler.sample(gen)
+        tree = route_tree(first, distort(clean, gen), clean)
+        for p in ps:
+            loss, info = tree_policy_loss(models[p].pathfinder, tree, recipe, p, first.cfg.path_blocks)
+            opts[p].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[p].step()
+            if log is not None and (step % 25 == 0 or step == recipe.pf_steps - 1):
+                log.append({"stage": "pathfinder (frozen network, exact)", "p": p, "step": step, **info})
+    return dict(models)
+
+
 def all_routes(num_paths: int, num_blocks: int, device=None) -> torch.Tensor:
     """Every routing, (M^N, N): row r is r written in base M (block 0 the most significant digit)."""
     check_number("all_routes", "num_paths", num_paths, lo=1, integer=True)
@@ -782,29 +822,79 @@ def all_routes(num_paths: int, num_blocks: int, device=None) -> torch.Tensor:
     return torch.stack([(r // num_paths ** (num_blocks - 1 - i)) % num_paths for i in range(num_blocks)], 1)
 
 
-def exact_policy_loss(model: PathRestore, noisy: torch.Tensor, clean: torch.Tensor, recipe: TrainRecipe,
-                      p: float) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """Minus the exact expected return of the pathfinder's routing policy over every routing r of every region,
-    E_x = sum_r pi(r | x) R(x, r), R the difficulty-regulated return (:func:`difficulty_rewards`, the difficulty
-    L_d from the greedy routing), minus ``entropy_coef`` times the exact entropy of pi(. | x). Returns are centred
-    per region and scaled by their standard deviation over the batch or, ``recipe.pf_norm='region'``, over each
-    region's routings (neither moves a region's argmax). The gradient is the exact
-    policy gradient: no sampling, no baseline (feasible when M^N is small: 16 routings for 4 blocks of 2 paths).
-    With ``recipe.pf_tau`` > 0 the loss is instead the cross-entropy -sum_r softmax(A / tau)_r log pi(r | x)."""
-    nr = model.num_paths ** model.cfg.num_blocks
-    b = noisy.shape[0]
-    routes = all_routes(model.num_paths, model.cfg.num_blocks, noisy.device)          # (R, N)
-    acts = routes.repeat_interleave(b, 0)                                              # (R*B, N): route-major
-    x, c = noisy.repeat(nr, 1, 1, 1), clean.repeat(nr, 1, 1, 1)
-    ro = model.rollout(x, "score", actions=acts)
+@dataclass
+class RouteTree:
+    """Every routing of a batch through a *frozen* multi-path network, computed once as a prefix tree (M + M^2 + ...
+    + M^N block evaluations instead of N M^N): ``feats[i]`` (M^i B, nf, H, W) the pathfinder's input before block i
+    for every prefix (prefix-major: rows j B ... (j+1) B hold prefix j, whose child by path a is j M + a, the order
+    of :func:`all_routes`), ``mse`` (M^N, B) every routing's output MSE, ``mse_in`` (B,) the input's."""
+
+    feats: List[torch.Tensor]
+    mse: torch.Tensor
+    mse_in: torch.Tensor
+
+
+@torch.no_grad()
+def route_tree(model: PathRestore, noisy: torch.Tensor, clean: torch.Tensor) -> RouteTree:
+    """The :class:`RouteTree` of ``noisy`` (B,3,H,W) against ``clean`` through ``model``'s network."""
+    _check_x(noisy, "route_tree noisy", nonempty=True, check_range=False)
+    if not isinstance(clean, torch.Tensor) or clean.shape != noisy.shape:
+        raise ValueError(f"route_tree clean: expected the shape of noisy {tuple(noisy.shape)}, got "
+                         f"{getattr(clean, 'shape', type(clean).__name__)}")
+    m, b = model.num_paths, noisy.shape[0]
+    h = model.head(noisy)
+    feats = []
+    for block in model.blocks:
+        feats.append(h)
+        y = block.shared(h)
+        shape = y.shape[1:]
+        h = torch.stack([path(y).view(-1, b, *shape) for path in block.paths], 1).reshape(-1, *shape)
+    nr = h.shape[0] // b
+    out = model.tail(F.relu(h))
+    if model.cfg.global_skip:
+        out = noisy.repeat(nr, 1, 1, 1) + out
+    return RouteTree(feats, per_sample_mse(out, clean.repeat(nr, 1, 1, 1)).view(nr, b), per_sample_mse(noisy, clean))
+
+
+def tree_log_probs(pathfinder: "Pathfinder", tree: RouteTree, temperature: float = 1.0
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """log pi(r | x) of every routing r (M^N, B), the pathfinder's LSTM carried along each prefix (as in
+    ``rollout(..., 'score')``), and the greedy routing's index per region (B,): argmax at every block in turn."""
+    b, m, nb = tree.feats[0].shape[0], pathfinder.out.out_features, len(tree.feats)
+    state = pathfinder.init_state(b, tree.feats[0])
+    step_logp = []
+    for i, f in enumerate(tree.feats):
+        if i:   # each prefix's state goes to its M children
+            state = tuple(s.view(-1, b, s.shape[-1]).repeat_interleave(m, 0).reshape(-1, s.shape[-1])
+                          for s in state)
+        logits, state = pathfinder(f.detach(), state)
+        step_logp.append(F.log_softmax(logits / temperature, 1).view(-1, b, m))          # (M^i, B, M)
+    routes = all_routes(m, nb, tree.mse.device)
+    r = torch.arange(routes.shape[0], device=routes.device)
+    logp = tree.mse.new_zeros(routes.shape[0], b)
+    for i, lp in enumerate(step_logp):   # routing r's prefix before block i is r // M^(N-i)
+        logp = logp + lp[r // m ** (nb - i)].gather(2, routes[:, i, None, None].expand(-1, b, 1)).squeeze(2)
+    idx = torch.zeros(b, dtype=torch.long, device=routes.device)
+    cols = torch.arange(b, device=routes.device)
     with torch.no_grad():
-        mse_out, mse_in = per_sample_mse(ro.output, c), per_sample_mse(x, c)
-        gmse = per_sample_mse(model.rollout(noisy, "greedy").output, clean).repeat(nr)
-        ret = difficulty_rewards(acts, mse_in, mse_out, p, recipe.l0, model.cfg.path_blocks, gmse).sum(1)
-        ret = ret.view(nr, b)
+        for lp in step_logp:
+            idx = idx * m + lp[idx, cols].argmax(1)
+    return logp, idx
+
+
+def tree_policy_loss(pathfinder: "Pathfinder", tree: RouteTree, recipe: TrainRecipe, p: float,
+                     path_blocks: Sequence[int]) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """The exact policy objective of :func:`exact_policy_loss` on a computed :class:`RouteTree` (so that one tree
+    serves the pathfinders of every penalty p on the same frozen network, :func:`train_pathfinders`)."""
+    logp, greedy = tree_log_probs(pathfinder, tree)
+    nr, b = logp.shape
+    routes = all_routes(len(path_blocks), len(tree.feats), logp.device)
+    with torch.no_grad():
+        gmse = tree.mse.gather(0, greedy[None]).squeeze(0)          # L_d of the greedy routing (action-independent)
+        ret = difficulty_rewards(routes.repeat_interleave(b, 0), tree.mse_in.repeat(nr), tree.mse.flatten(), p,
+                                 recipe.l0, path_blocks, gmse.repeat(nr)).sum(1).view(nr, b)
         adv = ret - ret.mean(0, keepdim=True)
         adv = adv / ((adv.std(0, keepdim=True) if recipe.pf_norm == "region" else adv.std()) + 1e-12)
-    logp = ro.log_probs.sum(1).view(nr, b)                                             # log pi(r | x)
     prob = logp.exp()
     expected = (prob * adv).sum(0)
     entropy = -(prob * logp).sum(0)
@@ -814,9 +904,22 @@ def exact_policy_loss(model: PathRestore, noisy: torch.Tensor, clean: torch.Tens
         loss = -(expected + recipe.entropy_coef * entropy).mean()
     best = ret.argmax(0)
     info = {"expected_adv": float(expected.detach().mean()), "entropy": float(entropy.detach().mean()),
-            "greedy_is_best": float((logp.detach().argmax(0) == best).float().mean()),
+            "greedy_is_best": float((greedy == best).float().mean()),
             "best_routes_distinct": float(len(torch.unique(best)))}
     return loss, info
+
+
+def exact_policy_loss(model: PathRestore, noisy: torch.Tensor, clean: torch.Tensor, recipe: TrainRecipe,
+                      p: float) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Minus the exact expected return of the pathfinder's routing policy over every routing r of every region,
+    E_x = sum_r pi(r | x) R(x, r), R the difficulty-regulated return (:func:`difficulty_rewards`, the difficulty
+    L_d from the greedy routing), minus ``entropy_coef`` times the exact entropy of pi(. | x). Returns are centred
+    per region and scaled by their standard deviation over the batch or, ``recipe.pf_norm='region'``, over each
+    region's routings (neither moves a region's argmax). The gradient is the exact
+    policy gradient: no sampling, no baseline (feasible when M^N is small: 16 routings for 4 blocks of 2 paths;
+    the network runs once per prefix, :func:`route_tree`).
+    With ``recipe.pf_tau`` > 0 the loss is instead the cross-entropy -sum_r softmax(A / tau)_r log pi(r | x)."""
+    return tree_policy_loss(model.pathfinder, route_tree(model, noisy, clean), recipe, p, model.cfg.path_blocks)
 
 
 def l0_from_regions(model: PathRestore, sampler, distort: Callable, q: float, gen: torch.Generator,
@@ -1034,11 +1137,17 @@ def train_task(task: Task, net: MultiPathConfig, recipe: TrainRecipe, p_values: 
         recipe = dataclasses.replace(recipe, l0=l0_from_regions(s1, sampler, distort, recipe.l0_quantile,
                                                                 make_generator(seed + 4241, device)))
     by_p = {}
+    shared = {}
+    if recipe.pf_steps and recipe.pf_exact:  # every p's pathfinder on the frozen network, one route tree per batch
+        t0 = time.perf_counter()
+        shared = train_pathfinders({p: copy.deepcopy(s1) for p in p_values}, sampler, distort, recipe,
+                                   make_generator(seed + 7907, device), log)
+        wall["pathfinders (every p, frozen network)"] = time.perf_counter() - t0
     for k, p in enumerate(p_values):
         t0 = time.perf_counter()
-        m = copy.deepcopy(s1)
+        m = shared[p] if shared else copy.deepcopy(s1)
         g = make_generator(seed + 7919 * (k + 1), device)
-        if recipe.pf_steps:  # the pathfinder on the frozen network first, then joint fine-tuning (stage II)
+        if recipe.pf_steps and not shared:  # the pathfinder on the frozen network first, then stage II
             train_pathfinder(m, sampler, distort, recipe, p, g, log)
         train_stage2(m, sampler, distort, recipe, p, g, log)
         by_p[p] = m.eval()

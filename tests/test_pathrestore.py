@@ -1,9 +1,11 @@
 """Path-Restore: region tiling, FLOPs accounting, REINFORCE, shapes and errors, the training schedules, and the
 ``path-restore`` experiment (profiles, record, claims and their preconditions, plots)."""
+import copy
 import math
 
 import numpy as np
 import pytest
+
 import torch
 import torch.nn as nn
 
@@ -265,6 +267,15 @@ def test_training_stages_run_and_change_weights():
     pr.train_stage2(m, s, lambda c, g: noise(c, g), rec, 1e-5, torch.Generator().manual_seed(1), log)
     assert not all(torch.equal(a, b) for a, b in zip(pf0, m.pathfinder.parameters()))
     assert log and log[-1]["stage"] == 2
+    # pf_lr_stage2 sets the pathfinder's stage-II rate: the same run's pathfinder moves in proportion to it
+    moves = []
+    for lr in (None, 1e-4):
+        m2 = copy.deepcopy(m)
+        before = [q.clone() for q in m2.pathfinder.parameters()]
+        r2 = pr.TrainRecipe(stage2_steps=3, batch_size=4, patch_size=16, pf_lr=1e-2, pf_lr_stage2=lr)
+        pr.train_stage2(m2, s, lambda c, g: noise(c, g), r2, 1e-5, torch.Generator().manual_seed(1))
+        moves.append(max(float((a - b).abs().max()) for a, b in zip(before, m2.pathfinder.parameters())))
+    assert 0 < moves[1] < moves[0] / 20, moves
 
 
 def test_path_map_overlay_and_widget_function():
@@ -528,6 +539,61 @@ def test_exact_policy_loss_is_the_expected_return_and_training_on_it_raises_it()
     pr.train_pathfinder(m, Same(), lambda c, g: noisy, rec, 1e-4, torch.Generator().manual_seed(1))
     after, _ = expected(m)
     assert after > before + 0.05, (before, after)
+
+
+def test_route_tree_matches_one_rollout_per_routing():
+    """The prefix tree gives every routing's output MSE and log pi(r|x), and the greedy routing, exactly as one
+    'score' rollout per routing and a greedy rollout do (3 blocks of 3 paths: 27 routings)."""
+    from causalir import data, distortions as D
+
+    torch.manual_seed(0)
+    cfg = pr.MultiPathConfig(nf=4, num_blocks=3, path_blocks=(0, 1, 2), global_skip=True)
+    m = pr.PathRestore(cfg)
+    for q in m.pathfinder.out.parameters():           # a non-uniform policy (its output layer starts at zero)
+        torch.nn.init.normal_(q, std=0.5)
+    imgs = [torch.rand(3, 40, 40, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    gen = torch.Generator().manual_seed(0)
+    clean = data.PatchSampler(imgs, 16, 5, "cpu").sample(gen)
+    noisy = D.GaussianNoise(25.0)(clean, gen)
+    tree = pr.route_tree(m, noisy, clean)
+    logp, greedy = pr.tree_log_probs(m.pathfinder, tree)
+    routes = pr.all_routes(3, 3)
+    assert tree.mse.shape == logp.shape == (27, 5) and [f.shape[0] for f in tree.feats] == [5, 15, 45]
+    with torch.no_grad():
+        for i, r in enumerate(routes):
+            ro = m.rollout(noisy, "score", actions=r.expand(5, -1))
+            torch.testing.assert_close(tree.mse[i], pr.per_sample_mse(ro.output, clean), rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(logp[i], ro.log_probs.sum(1), rtol=1e-5, atol=1e-6)
+        g = m.rollout(noisy, "greedy").actions
+    assert torch.equal(routes[greedy], g)
+    torch.testing.assert_close(logp.exp().sum(0), torch.ones(5))
+    with pytest.raises(ValueError, match="route_tree clean"):
+        pr.route_tree(m, noisy, clean[:2])
+
+
+def test_pathfinders_trained_together_equal_each_trained_alone():
+    """train_pathfinders shares one route tree per batch across penalties: each p's pathfinder ends exactly where
+    training it alone on the same batches ends; networks that differ are refused."""
+    cfg, m, s, noise = _tiny_training(4)
+    rec = pr.TrainRecipe(batch_size=4, patch_size=16, pf_lr=5e-2, pf_steps=4, pf_exact=True, pf_tau=0.5,
+                         pf_norm="region")
+    distort = lambda c, g: noise(c, g)  # noqa: E731
+    together = pr.train_pathfinders({0.0: copy.deepcopy(m), 1e-3: copy.deepcopy(m)}, s, distort, rec,
+                                    torch.Generator().manual_seed(3))
+    for p in (0.0, 1e-3):
+        alone = pr.train_pathfinder(copy.deepcopy(m), s, distort, rec, p, torch.Generator().manual_seed(3))
+        for a, b in zip(alone.pathfinder.parameters(), together[p].pathfinder.parameters()):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    moved = [torch.equal(a, b) for a, b in zip(together[0.0].pathfinder.parameters(),
+                                                 together[1e-3].pathfinder.parameters())]
+    assert not all(moved)                              # the penalty matters
+    other = copy.deepcopy(m)
+    with torch.no_grad():
+        other.head.weight.add_(0.1)
+    with pytest.raises(ValueError, match=r"models\[0.001\]: its network differs"):
+        pr.train_pathfinders({0.0: m, 1e-3: other}, s, distort, rec, torch.Generator())
+    with pytest.raises(ValueError, match="pf_exact=True"):
+        pr.train_pathfinders({0.0: m}, s, distort, pr.TrainRecipe(), torch.Generator())
 
 
 def test_region_normalised_advantages_weigh_every_region_alike():

@@ -114,7 +114,7 @@ SPECS = [
         **{k: POS() for k in ("lr", "lr_stage2", "pf_lr", "l0", "temperature")},
         "gamma": UNIT(), "baseline": CHOICE(), "entropy_coef": NONNEG(), "normalize_adv": BOOL(),
         "pf_steps": INT(0), "pf_samples": INT(2), "l0_quantile": [0, -0.5, 1.5, NAN, "0.5"], "pf_exact": BOOL(),
-        "pf_tau": NONNEG(), "pf_norm": CHOICE()}),
+        "pf_tau": NONNEG(), "pf_norm": CHOICE(), "pf_lr_stage2": [0, -1e-3, NAN, "1e-3"]}),
     ("ConfoundedERM", bd.ConfoundedERM(), {"threshold": UNIT(), "tie": UNIT()}),
     ("BackdoorERM", bd.BackdoorERM(), {"probs": [(0.3, 0.3), (-0.5, 1.5), (NAN, 1.0), (), "ab", None],
                                        "mode": CHOICE()}),

@@ -89,13 +89,17 @@ PROFILES: Dict[str, Profile] = {
                      dncnn_steps=40, p_grid={"denoise": (0.0, 1e-4), "mixed": (1e-4,)}, eval_side=96,
                      tasks=("denoise",), threads=1),
     # Issue 12: stage I long enough that the long path beats the bypass on validation regions (at 500 steps it
-    # did not, and all-bypass was the optimum the pathfinder found); the pathfinder first on the frozen network
-    # (4 sampled routings per region, leave-one-out baseline), then joint fine-tuning; L0 from the region-MSE
-    # distribution; a p grid that traces the PSNR-FLOPs curve.
+    # did not, and all-bypass was the optimum the pathfinder found); the pathfinder first on the frozen network,
+    # on the exact objective over all 16 routings (sampled routings with a leave-one-out baseline, and then the
+    # exact expected return with batch-wise standardised advantages, both learned one route for every region:
+    # the high-noise regions' return differences dominated), fitted to softmax(A / 0.5) of advantages standardised
+    # per region; then joint fine-tuning at a tenth of the learning rates; L0 from the region-MSE distribution; a
+    # p grid that traces the PSNR-FLOPs curve; the static baselines get the stage I + II steps (1600).
     "medium": Profile(MultiPathConfig(nf=16, num_blocks=4, global_skip=True),
                       TrainRecipe(stage1_steps=1500, stage2_steps=100, batch_size=16, patch_size=32, lr=2e-3,
-                                  lr_stage2=2e-4, pf_lr=2e-3, pf_steps=100, pf_samples=4, l0_quantile=0.5),
-                      dncnn_steps=1000, p_grid={"denoise": (0.0, 3e-6, 1e-5, 2e-5, 4e-5), "mixed": (3e-6, 1e-5)},
+                                  lr_stage2=2e-4, pf_lr=2e-3, pf_steps=500, pf_exact=True, pf_tau=0.5,
+                                  pf_norm="region", pf_lr_stage2=2e-4, l0_quantile=0.5),
+                      dncnn_steps=1600, p_grid={"denoise": (0.0, 3e-6, 1e-5, 2e-5, 4e-5), "mixed": (3e-6, 1e-5)},
                       eval_side=160, threads=2),
     "full": Profile(MultiPathConfig(nf=64, num_blocks=6, global_skip=False),
                     TrainRecipe(stage1_steps=400_000, stage2_steps=100_000, batch_size=32, patch_size=63, lr=1e-4,
