@@ -53,7 +53,7 @@ class TrainConfig:
     schedule: str = "cosine"        # cosine | step | constant
     lr_min_ratio: float = 0.01      # cosine floor as a share of lr
     lr_step_every: int = 0          # step schedule: halve every this many steps
-    loss: str = "l1"                # l1 | l2
+    loss: str = "l1"                # l1 | l2 | psnr (see LOSSES)
     grad_clip: float = 0.0
     val_every: int = 0
     ckpt_every: int = 0
@@ -105,7 +105,22 @@ class TrainConfig:
 SCHEDULES = ("cosine", "step", "constant")
 #: ``TrainConfig.precision``: fp32 (no autocast; the default, bit-deterministic) or bf16 autocast.
 PRECISIONS = ("fp32", "bf16")
-LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss}
+
+
+def psnr_loss(out: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Minus the batch's mean per-image PSNR (dB, peak 1): mean_i 10 log10(MSE_i + 1e-10), MSE_i over image i's
+    pixels. Every image weighs alike in dB whatever its error, where an L1 / L2 loss over pooled degradations of very
+    different error (noise against a light blur) is ruled by the large-error ones (issue 14: the unified model grew
+    worse on blur while it learned to denoise)."""
+    if out.shape != gt.shape or out.dim() < 2:
+        raise ValueError(f"psnr_loss: expected two batches of the same shape (N, ...), got {tuple(out.shape)} and "
+                         f"{tuple(gt.shape)}")
+    return 10 * torch.log10((out - gt).pow(2).flatten(1).mean(1) + 1e-10).mean()
+
+
+#: ``TrainConfig.loss``: l1, l2 (MSE) or psnr (minus the mean per-image PSNR, :func:`psnr_loss`)
+LOSSES: Dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {"l1": F.l1_loss, "l2": F.mse_loss,
+                                                                         "psnr": psnr_loss}
 
 
 @dataclass

@@ -294,6 +294,40 @@ def test_protocol_claims_need_the_oracle_headroom(protocol):
             assert c["verdict"] == C.INCONCLUSIVE, c["claim"]
 
 
+def test_report_helpers_read_the_protocol_record(protocol):
+    """Notebook 02's report: the headroom table is the paired test differences, the curves split by budget arm,
+    the budget/theta-phi table and the verdict counts cover every method and claim, the summary is the record's."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    rows = X._test_rows(protocol)
+    h = X.headroom_table(protocol)
+    lab50 = distortions.GaussianNoise(50.0).label
+    d = C.paired_diffs(rows, {"method": "ERM oracle", "distortion": lab50}, {"method": "ERM", "distortion": lab50})
+    want = f"{np.mean(d):+.2f} ± {np.std(d, ddof=1) / np.sqrt(len(d)):.2f}"     # 1 seed: paired per image
+    assert len(d) > 1 and h.loc["ERM oracle - ERM (headroom)", "σ=50"] == want
+    assert "DIL-pf [equal iterations] - ERM stratified [equal iterations]" in h.index
+    assert "DIL-pf - ERM stratified" in h.index
+    assert not any(i.startswith("DIL-sf (released code") and "stratified" in i for i in h.index)
+    assert [X.arm_of(m) for m in ("ERM", "ERM oracle", "DIL-pf", "DIL-pf [equal iterations]")] == [
+        None, None, "batches", "iterations"]
+    it = X.plot_curves(protocol, arm="iterations").get_legend_handles_labels()[1]
+    assert "ERM" in it and "DIL-pf [equal iterations]" in it and "DIL-pf" not in it
+    ba = X.plot_curves(protocol, arm="batches").get_legend_handles_labels()[1]
+    assert "DIL-pf" in ba and "DIL-pf [equal iterations]" not in ba
+    with pytest.raises(ValueError, match="plot_curves.arm"):
+        X.plot_curves(protocol, arm="epochs")
+    tp = X.theta_phi_table(protocol)
+    assert set(tp.index) == set(protocol["tables"]["budgets"])
+    assert tp.loc["DIL-pf [equal iterations]", "steps"] == 8 and np.isfinite(tp.loc["DIL-pf", "L_phi"])
+    assert np.isnan(tp.loc["ERM", "L_phi"])
+    vc = X.verdict_counts(protocol)
+    assert int(vc.values.sum()) == len(protocol["claims"])
+    assert ("DIL beats ERM", "iterations") in vc.index
+    summary = X.study_summary(protocol)
+    assert "budget arms: batches, iterations" in summary and "inner 0.0001, meta 0.0001" in summary
+
+
 def test_protocol_rerun_is_bit_identical(protocol, tmp_path):
     again = experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path,
                             strategies=("erm", "dil_pf"), seeds=1, threads=1, val_tiles=4, **TINY)

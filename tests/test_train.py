@@ -70,6 +70,26 @@ def test_erm_learns_and_validates():
     assert [h["step"] for h in res.history if "val_psnr" in h] == [30, 60]
 
 
+def test_psnr_loss_is_minus_the_mean_per_image_psnr_of_scikit_image():
+    """train.LOSSES['psnr'] = -mean_i PSNR_i (peak 1), checked against skimage on images of very different error;
+    its gradient weighs each image by 1/MSE_i, so a low-error image is not drowned by a high-error one."""
+    from skimage.metrics import peak_signal_noise_ratio
+
+    g = torch.Generator().manual_seed(0)
+    gt = torch.rand(3, 3, 16, 16, generator=g, dtype=torch.float64)
+    out = (gt + torch.tensor([0.01, 0.05, 0.2], dtype=torch.float64)[:, None, None, None]
+           * torch.randn(gt.shape, generator=g, dtype=torch.float64))
+    want = sum(peak_signal_noise_ratio(gt[i].numpy(), out[i].numpy(), data_range=1.0) for i in range(3)) / 3
+    assert float(-train.LOSSES["psnr"](out, gt)) == pytest.approx(want, abs=1e-4)   # eps 1e-10 inside the log
+    x = out.clone().requires_grad_(True)
+    train.LOSSES["psnr"](x, gt).backward()
+    per_image = x.grad.flatten(1).norm(dim=1)
+    assert per_image[0] > per_image[1] > per_image[2]          # the smallest error pulls hardest
+    assert train.TrainConfig(loss="psnr").loss == "psnr"
+    with pytest.raises(ValueError, match="psnr_loss: expected two batches"):
+        train.psnr_loss(out, gt[:2])
+
+
 def test_config_and_strategy_errors():
     with pytest.raises(ValueError, match="schedule"):
         train.TrainConfig(schedule="linear")

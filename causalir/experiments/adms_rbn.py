@@ -22,7 +22,7 @@ from ..adms import (DEGRADATION_SETS, ADMSStrategy, Masks, build_adms, classifie
                     mask_share)
 from ..attribution import GATE_ACTIONS, GateEntry, restorer_gate
 from ..distortions import Distortion
-from ..train import Strategy, TrainConfig
+from ..train import LOSSES, Strategy, TrainConfig
 from ..utils import check_choice, check_number
 from . import claims as C
 from .faig_srresnet import gate_preconditions
@@ -90,6 +90,7 @@ class ADMSConfig:
     init: str = "default"           # default | kaiming (He-normal convs, zero biases, the last conv x0.1)
     test_patch: int = 0             # 0: the test photos (centre crops of eval_side); N: every NxN grid cell of them
     ckpt_every: int = 0             # > 0: checkpoint every model's training (train.fit run_dir) and resume from it
+    loss: str = "l1"                # the UM's, IMs' and ADMS's restoration loss: l1 | l2 | psnr (train.LOSSES)
 
     def __post_init__(self) -> None:
 
@@ -117,6 +118,7 @@ class ADMSConfig:
         check_choice(o, "init", self.init, ("default", "kaiming"))
         check_number(o, "test_patch", self.test_patch, lo=0, integer=True)
         check_number(o, "ckpt_every", self.ckpt_every, lo=0, integer=True)
+        check_choice(o, "loss", self.loss, tuple(LOSSES))
         if 0 < self.test_patch < 16:
             raise ValueError(f"ADMSConfig.test_patch: expected 0 (whole test photos) or an integer >= 16 (the patch "
                              f"side), got {self.test_patch!r}")
@@ -155,7 +157,8 @@ def _fit(model: nn.Module, strategy: Strategy, dists: Sequence[Distortion], step
     from ..paths import artifacts_dir
 
     tc = TrainConfig(steps=steps, batch_size=cfg.batch_size, patch_size=cfg.patch_size, lr=lr, seed=seed,
-                     device=device, progress=False, val_every=cfg.val_every if val else 0, ckpt_every=cfg.ckpt_every)
+                     device=device, progress=False, val_every=cfg.val_every if val else 0, ckpt_every=cfg.ckpt_every,
+                     loss=cfg.loss)
     kw: Dict[str, Any] = {"val_images": val_images(), "val_distortions": dict(val)} if val and cfg.val_every else {}
     if cfg.ckpt_every and run_dir is not None:
         kw["run_dir"] = artifacts_dir() / "runs" / NAME / run_dir

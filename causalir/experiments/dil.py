@@ -893,14 +893,132 @@ def paper_vs_ours(res: Dict[str, Any], levels: Sequence[float] = (30, 40, 50)):
     return pd.DataFrame(rows).set_index("method")
 
 
-def plot_curves(res: Dict[str, Any], x: str = "distorted_batches", ax=None):
-    """Validation PSNR at the curve distortion vs distorted batches (or wall_time), mean ± spread over seeds."""
+def arm_of(label: str) -> Optional[str]:
+    """The budget arm a method label belongs to: "iterations" (suffix ``[equal iterations]``), "batches" for the
+    paper variants without it, None for methods trained once for both arms (one distorted batch per step)."""
+    if label.endswith(ARM_SUFFIX["iterations"]):
+        return "iterations"
+    return None if label in ("ERM", "ERM oracle", "input") else "batches"
+
+
+def _seed_stats(rows, a: Mapping[str, Any], b: Mapping[str, Any]) -> Tuple[float, float, int]:
+    """Mean and standard error of the per-seed differences a - b (>= 2 seeds), else of the paired per-image ones."""
+    d = C.seed_diffs(rows, a, b)
+    if len(d) < 2:
+        d = C.paired_diffs(rows, a, b)
+    if not d:
+        return float("nan"), float("nan"), 0
+    return float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"), len(d)
+
+
+def headroom_table(res: Dict[str, Any], levels: Sequence[float] = (30, 40, 50)):
+    """The study in one table (dB, test photos, mean ± SE over seeds): the oracle's headroom over ERM at each
+    unseen σ, then every other method against ERM and, for the paper variants, against the stratified ERM of the
+    same arm (the meta-learning term beyond the extra data per step)."""
+    import pandas as pd
+
+    rows = _test_rows(res)
+    present = list(dict.fromkeys(r["method"] for r in rows))
+    labs = {s: distortions.GaussianNoise(float(s)).label for s in levels}
+    out = []
+
+    def add(name: str, a: str, b: str) -> None:
+        row: Dict[str, Any] = {"comparison": name}
+        for s in levels:
+            m, se, n = _seed_stats(rows, {"method": a, "distortion": labs[s]}, {"method": b, "distortion": labs[s]})
+            row[f"σ={s:g}"] = f"{m:+.2f} ± {se:.2f}" if n > 1 else (f"{m:+.2f}" if n else "")
+        out.append(row)
+
+    if "ERM oracle" in present and "ERM" in present:
+        add("ERM oracle - ERM (headroom)", "ERM oracle", "ERM")
+    for lab in present:
+        if lab in ("input", "ERM", "ERM oracle") or "ERM" not in present:
+            continue
+        add(f"{lab} - ERM", lab, "ERM")
+        strat = "ERM stratified" + ("" if arm_of(lab) == "batches" else ARM_SUFFIX["iterations"])
+        if lab.startswith(("DIL-pf", "DIL-ps", "DIL-sf", "DIL-ss")) and "released" not in lab and strat in present:
+            add(f"{lab} - {strat}", lab, strat)
+    return pd.DataFrame(out).set_index("comparison")
+
+
+def study_summary(res: Dict[str, Any]) -> str:
+    """What a dil-denoise record ran, read from the record (backbone, budget, arms, methods, seeds, the alpha the
+    sweep chose, the released sf's rates, validation, precision, wall time): the notebook's description of a
+    committed study, so that the prose cannot drift from the numbers."""
+    cfg, prof = res["config"], res["config"]["profile"]
+    sw = res["tables"].get("sweep", {}) or {}
+    prov = res.get("provenance", {})
+    methods = [LABEL.get(m, m) for m in prof["strategies"]]
+    ref = f"inner {prof.get('ref_inner_lr') or prof['lr']:g}, meta {prof.get('ref_meta_lr') or prof['lr']:g}"
+    alphas = sorted({float(r["alpha"]) for r in sw.get("rows", []) if "alpha" in r})
+    val = (f"{prof['val_tiles']} validation tiles of {prof['val_side']} px" if prof.get("val_tiles")
+           else f"validation crops of {prof['val_side']} px")
+    lines = [
+        f"backbone: {prof['model']} {prof['model_cfg']}; {prof['budget']} distorted batches of "
+        f"{prof['batch_size']} x {prof['patch_size']}^2 per method; lr {prof['lr']:g}",
+        f"budget arms: {', '.join(prof.get('budgets', ['batches']))}; seeds: {cfg['seeds']}",
+        f"methods: {', '.join(methods)}",
+        f"alpha: {prof['alpha']:g}" + (f" (chosen on validation from {', '.join(f'{a:g}' for a in alphas)})"
+                                        if alphas else " (no sweep)") + f"; released sf: {ref}",
+        f"checkpoints: {prof['checkpoints']} per run, selected on {val}; threads {prof.get('threads', 0) or 'as set'}; "
+        f"precision {prov.get('precision', 'fp32')} on {prov.get('device', '?')} (torch {prov.get('torch', '?')})",
+        f"wall time: {res.get('wall_time_s', float('nan')):.0f} s",
+    ]
+    return "\n".join(lines)
+
+
+def verdict_counts(res: Dict[str, Any]):
+    """How many of the record's claims got each verdict, per kind of claim and budget arm (the claim's text before
+    "at unseen", every DIL strategy written "DIL")."""
+    import pandas as pd
+
+    dil_labels = sorted((v for v in LABEL.values() if v.startswith("DIL-")), key=len, reverse=True)
+    rows = []
+    for c in res.get("claims", []):
+        kind = c["claim"].split(" at unseen")[0]
+        arm = "iterations" if ARM_SUFFIX["iterations"] in kind else "batches / both"
+        kind = kind.replace(ARM_SUFFIX["iterations"], "")
+        for lab in dil_labels:
+            kind = kind.replace(lab, "DIL")
+        rows.append({"kind": kind, "arm": arm, "verdict": c["verdict"]})
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    return pd.crosstab([df["kind"], df["arm"]], df["verdict"])
+
+
+def theta_phi_table(res: Dict[str, Any]):
+    """Per method (mean over seeds): optimiser steps, distorted batches and wall time of its budget, and for the
+    paper variants L(theta), L(phi) on validation tiles at the seen levels and theta's mean output offset (grey
+    levels): what the meta-objective sees (:func:`theta_phi`)."""
+    import pandas as pd
+
+    out = {}
+    for label, runs in res["tables"]["budgets"].items():
+        row: Dict[str, Any] = {"arm": runs[0].get("arm", "batches")}
+        for k in ("steps", "distorted_batches", "images_backpropagated", "wall_time_s"):
+            row[k] = float(np.mean([r[k] for r in runs])) if all(k in r for r in runs) else float("nan")
+        tp = [r["theta_phi"] for r in runs if "theta_phi" in r]
+        for k in ("L_theta", "L_phi", "offset_grey"):
+            row[k] = float(np.mean([t[k] for t in tp])) if tp else float("nan")
+        row["seeds"] = len(runs)
+        out[label] = row
+    return pd.DataFrame(out).T
+
+
+def plot_curves(res: Dict[str, Any], x: str = "distorted_batches", ax=None, arm: Optional[str] = None):
+    """Validation PSNR at the curve distortion vs distorted batches (or wall_time), mean ± spread over seeds;
+    ``arm`` ("batches" / "iterations"): only that budget arm's methods and those trained once for both."""
     import matplotlib.pyplot as plt
 
     key = res.get("curve_key", "val σ=50")
+    if arm is not None:
+        check_choice("plot_curves", "arm", arm, BUDGETS)
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
     for label, runs in res["curves"].items():
+        if arm is not None and arm_of(label) not in (None, arm):
+            continue
         n = min(len(c) for c in runs)
         if n == 0:
             continue
@@ -911,6 +1029,9 @@ def plot_curves(res: Dict[str, Any], x: str = "distorted_batches", ax=None):
             ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel({"distorted_batches": "distorted batches seen", "wall_time": "wall time (s)"}.get(x, x))
     ax.set_ylabel(f"PSNR (dB), {key} (validation photos)")
+    if arm is not None:
+        ax.set_title({"batches": "equal distorted batches (ours)", "iterations": "equal iterations (the paper)"}[arm],
+                     fontsize=10)
     ax.legend(fontsize=7)
     return ax
 
