@@ -130,3 +130,24 @@ def test_pipeline_stops_before_faig_when_the_gate_fails(monkeypatch):
     seen = dict(list(degradation_set("rain-blur-noise")["seen"].items())[:2])
     with pytest.raises(A.GateError, match="margin > 5 dB"):
         R.adms_pipeline(seen, cfg, 0, "cpu")
+
+
+def test_the_config_loss_reaches_every_fit(monkeypatch):
+    """ADMSConfig.loss is the restoration loss of the UM and IM fits (train.fit's TrainConfig.loss)."""
+    from causalir import train
+    from causalir.adms import degradation_set
+
+    seen_losses = []
+    real_fit = train.fit
+
+    def spy(model, strategy, images, dists, cfg, **kw):
+        seen_losses.append(cfg.loss)
+        return real_fit(model, strategy, images, dists, cfg, **kw)
+
+    monkeypatch.setattr(train, "fit", spy)
+    cfg = R.ADMSConfig(model_cfg={"nf": 4, "depth": 2}, um_steps=1, im_steps=1, adms_steps=1, warmup_steps=0,
+                       batch_size=2, patch_size=24, eval_side=32, gate_margin=5.0, gate_action="stop", loss="psnr")
+    seen = dict(list(degradation_set("rain-blur-noise")["seen"].items())[:2])
+    with pytest.raises(A.GateError):
+        R.adms_pipeline(seen, cfg, 0, "cpu")
+    assert seen_losses == ["psnr"] * 3                  # the UM and the two IMs, before the gate stops the run

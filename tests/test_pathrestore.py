@@ -278,6 +278,21 @@ def test_training_stages_run_and_change_weights():
     assert 0 < moves[1] < moves[0] / 20, moves
 
 
+def test_choose_penalty_prefers_the_baseline_then_the_own_all_long_network():
+    v = {"DnCNN": {"psnr": 29.0, "gflops": 0.30}, "all long": {"psnr": 28.5, "gflops": 0.30},
+         "PR p=0": {"psnr": 28.52, "gflops": 0.30}, "PR p=1e-05": {"psnr": 28.49, "gflops": 0.25},
+         "PR p=2e-05": {"psnr": 28.44, "gflops": 0.17}, "PR p=4e-05": {"psnr": 28.3, "gflops": 0.15}}
+    assert X.choose_penalty(v, "DnCNN", "all long", 0.1) == ("PR p=2e-05", "all-long")
+    assert X.choose_penalty(v, "DnCNN", "all long", 0.05) == ("PR p=1e-05", "all-long")
+    assert X.choose_penalty(v, "DnCNN", "all long", 0.75) == ("PR p=4e-05", "baseline")
+    low = {**v, "all long": {"psnr": 30.0, "gflops": 0.3}}
+    assert X.choose_penalty(low, "DnCNN", "all long", 0.1) == ("PR p=0", "best PSNR")
+    with pytest.raises(ValueError, match="no 'PR p=...' method"):
+        X.choose_penalty({"DnCNN": v["DnCNN"]}, "DnCNN", "all long", 0.1)
+    with pytest.raises(ValueError, match="the reference 'nope'"):
+        X.choose_penalty(v, "nope", "all long", 0.1)
+
+
 def test_path_map_overlay_and_widget_function():
     import matplotlib
 
