@@ -324,6 +324,11 @@ def test_report_helpers_read_the_protocol_record(protocol):
     vc = X.verdict_counts(protocol)
     assert int(vc.values.sum()) == len(protocol["claims"])
     assert ("DIL beats ERM", "iterations") in vc.index
+    pv = X.paper_vs_ours(protocol)              # every method of both arms; our baselines have no paper number
+    assert np.isnan(pv.loc["ERM oracle", "paper σ=50"]) and np.isnan(pv.loc["ERM stratified [equal iterations]",
+                                                                           "paper σ=50"])
+    assert pv.loc["DIL-pf [equal iterations]", "paper σ=50"] == X.PAPER_DENOISE["dil_pf"][50]
+    assert pv.loc["DIL-sf (released code, ERM's lr)", "paper σ=50"] == X.PAPER_DENOISE["dil_sf"][50]
     summary = X.study_summary(protocol)
     assert "budget arms: batches, iterations" in summary and "inner 0.0001, meta 0.0001" in summary
 
