@@ -313,8 +313,12 @@ def test_report_helpers_read_the_protocol_record(protocol):
         None, None, "batches", "iterations"]
     it = X.plot_curves(protocol, arm="iterations").get_legend_handles_labels()[1]
     assert "ERM" in it and "DIL-pf [equal iterations]" in it and "DIL-pf" not in it
-    ba = X.plot_curves(protocol, arm="batches").get_legend_handles_labels()[1]
+    ax_b = X.plot_curves(protocol, arm="batches")
+    ba = ax_b.get_legend_handles_labels()[1]
     assert "DIL-pf" in ba and "DIL-pf [equal iterations]" not in ba
+    ax_i = X.plot_curves(protocol, arm="iterations")                     # a method keeps its colour in both arms
+    col = lambda ax, lab: next(h.get_color() for h, t in zip(*ax.get_legend_handles_labels()) if t == lab)  # noqa: E731
+    assert col(ax_b, "DIL-pf") == col(ax_i, "DIL-pf [equal iterations]") and col(ax_b, "ERM") == col(ax_i, "ERM")
     with pytest.raises(ValueError, match="plot_curves.arm"):
         X.plot_curves(protocol, arm="epochs")
     tp = X.theta_phi_table(protocol)

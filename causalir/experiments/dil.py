@@ -1024,6 +1024,8 @@ def plot_curves(res: Dict[str, Any], x: str = "distorted_batches", ax=None, arm:
         check_choice("plot_curves", "arm", arm, BUDGETS)
     if ax is None:
         _, ax = plt.subplots(figsize=(6, 4))
+    bases = list(dict.fromkeys(lab.replace(ARM_SUFFIX["iterations"], "") for lab in res["curves"]))
+    colour = {b: f"C{i % 10}" for i, b in enumerate(bases)}     # a method keeps its colour in both arms
     for label, runs in res["curves"].items():
         if arm is not None and arm_of(label) not in (None, arm):
             continue
@@ -1032,7 +1034,8 @@ def plot_curves(res: Dict[str, Any], x: str = "distorted_batches", ax=None, arm:
             continue
         xs = np.mean([[p[x] for p in c[:n]] for c in runs], 0)
         ys = np.array([[p[key] for p in c[:n]] for c in runs])
-        line, = ax.plot(xs, ys.mean(0), marker="o", ms=3, label=label)
+        line, = ax.plot(xs, ys.mean(0), marker="o", ms=3, label=label,
+                        color=colour[label.replace(ARM_SUFFIX["iterations"], "")])
         if len(runs) > 1:
             ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.15)
     ax.set_xlabel({"distorted_batches": "distorted batches seen", "wall_time": "wall time (s)"}.get(x, x))
