@@ -335,6 +335,7 @@ def test_report_helpers_read_the_protocol_record(protocol):
     assert pv.loc["DIL-sf (released code, ERM's lr)", "paper σ=50"] == X.PAPER_DENOISE["dil_sf"][50]
     summary = X.study_summary(protocol)
     assert "budget arms: batches, iterations" in summary and "inner 0.0001, meta 0.0001" in summary
+    assert "summed over methods and seeds" in summary
 
 
 def test_protocol_rerun_is_bit_identical(protocol, tmp_path):

@@ -966,11 +966,16 @@ def study_summary(res: Dict[str, Any]) -> str:
         f"{prof['batch_size']} x {prof['patch_size']}^2 per method; lr {prof['lr']:g}",
         f"budget arms: {', '.join(prof.get('budgets', ['batches']))}; seeds: {cfg['seeds']}",
         f"methods: {', '.join(methods)}",
-        f"alpha: {prof['alpha']:g}" + (f" (chosen on validation from {', '.join(f'{a:g}' for a in alphas)})"
+        f"alpha: {prof['alpha']:g}" + (f" (validation sweep over {', '.join(f'{a:g}' for a in alphas)}: "
+                                        f"{(sw.get('chosen') or {}).get('alpha_note', 'the best accepted candidate')})"
                                         if alphas else " (no sweep)") + f"; released sf: {ref}",
         f"checkpoints: {prof['checkpoints']} per run, selected on {val}; threads {prof.get('threads', 0) or 'as set'}; "
         f"precision {prov.get('precision', 'fp32')} on {prov.get('device', '?')} (torch {prov.get('torch', '?')})",
-        f"wall time: {res.get('wall_time_s', float('nan')):.0f} s",
+        f"training wall time, summed over methods and seeds: "
+        f"{sum(r.get('wall_time_s', 0.0) for runs in res['tables']['budgets'].values() for r in runs) / 3600:.2f} h "
+        f"(+ the sweep's {sum(r.get('wall_time_s', 0.0) for r in sw.get('rows', [])) / 60:.1f} min); this record's "
+        f"process: "
+        f"{res.get('wall_time_s', float('nan')):.0f} s (a resumed study reloads the finished methods)",
     ]
     return "\n".join(lines)
 
