@@ -87,6 +87,14 @@ def _rgb_to_y(img255: torch.Tensor) -> torch.Tensor:
     return (img255 * w).sum(1, keepdim=True) / 255.0 + 16.0
 
 
+def per_sample_mse(y: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """MSE of each item of a batch (N,), differentiable and unquantised: a training signal, unlike :func:`psnr`."""
+    if not isinstance(y, torch.Tensor) or not isinstance(gt, torch.Tensor) or y.shape != gt.shape or y.dim() < 2:
+        raise ValueError(f"per_sample_mse: expected two batches of the same shape (N, ...), got "
+                         f"{getattr(y, 'shape', type(y).__name__)} and {getattr(gt, 'shape', type(gt).__name__)}")
+    return (y - gt).pow(2).flatten(1).mean(1)
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor, *, crop_border: int = 0, y_channel: bool = False,
          reduction: Reduction = "mean") -> Union[float, torch.Tensor]:
     """PSNR = 10 log10(255^2 / MSE) per image on 8-bit values; mean over the batch (or per image).

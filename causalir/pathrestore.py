@@ -31,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .metrics import per_sample_mse
 from .train import TrainConfig, make_optimizer, make_scheduler
 from .utils import check_choice, check_images, check_number, make_generator
 
@@ -534,13 +535,6 @@ def reinforce_loss(log_probs: torch.Tensor, returns: torch.Tensor, baseline: Opt
     if entropy is not None and entropy_coef:
         loss = loss - entropy_coef * entropy.sum(1).mean()
     return loss
-
-
-def per_sample_mse(y: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-    if not isinstance(y, torch.Tensor) or not isinstance(gt, torch.Tensor) or y.shape != gt.shape or y.dim() < 2:
-        raise ValueError(f"per_sample_mse: expected two batches of the same shape (N, ...), got "
-                         f"{getattr(y, 'shape', type(y).__name__)} and {getattr(gt, 'shape', type(gt).__name__)}")
-    return (y - gt).pow(2).flatten(1).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from . import distributed as dist_
 from .data import PatchSampler
 from .distortions import Distortion, apply_random
-from .metrics import psnr
+from .metrics import per_sample_mse, psnr
 from .registry import Registry
 from .utils import PathLike, check_choice, check_images, check_number, make_generator, resolve_device
 
@@ -115,7 +115,7 @@ def psnr_loss(out: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     if out.shape != gt.shape or out.dim() < 2:
         raise ValueError(f"psnr_loss: expected two batches of the same shape (N, ...), got {tuple(out.shape)} and "
                          f"{tuple(gt.shape)}")
-    return 10 * torch.log10((out - gt).pow(2).flatten(1).mean(1) + 1e-10).mean()
+    return 10 * torch.log10(per_sample_mse(out, gt) + 1e-10).mean()
 
 
 #: ``TrainConfig.loss``: l1, l2 (MSE) or psnr (minus the mean per-image PSNR, :func:`psnr_loss`)

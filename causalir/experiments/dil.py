@@ -909,16 +909,6 @@ def arm_of(label: str) -> Optional[str]:
     return None if label in ("ERM", "ERM oracle", "input") else "batches"
 
 
-def _seed_stats(rows, a: Mapping[str, Any], b: Mapping[str, Any]) -> Tuple[float, float, int]:
-    """Mean and standard error of the per-seed differences a - b (>= 2 seeds), else of the paired per-image ones."""
-    d = C.seed_diffs(rows, a, b)
-    if len(d) < 2:
-        d = C.paired_diffs(rows, a, b)
-    if not d:
-        return float("nan"), float("nan"), 0
-    return float(np.mean(d)), float(np.std(d, ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan"), len(d)
-
-
 def headroom_table(res: Dict[str, Any], levels: Sequence[float] = (30, 40, 50)):
     """The study in one table (dB, test photos, mean ± SE over seeds): the oracle's headroom over ERM at each
     unseen σ, then every other method against ERM and, for the paper variants, against the stratified ERM of the
@@ -933,8 +923,9 @@ def headroom_table(res: Dict[str, Any], levels: Sequence[float] = (30, 40, 50)):
     def add(name: str, a: str, b: str) -> None:
         row: Dict[str, Any] = {"comparison": name}
         for s in levels:
-            m, se, n = _seed_stats(rows, {"method": a, "distortion": labs[s]}, {"method": b, "distortion": labs[s]})
-            row[f"σ={s:g}"] = f"{m:+.2f} ± {se:.2f}" if n > 1 else (f"{m:+.2f}" if n else "")
+            A, B = {"method": a, "distortion": labs[s]}, {"method": b, "distortion": labs[s]}
+            e = C.pick(seeds=C.seed_diffs(rows, A, B), units=C.paired_diffs(rows, A, B))   # as the claims do
+            row[f"σ={s:g}"] = f"{e.mean:+.2f} ± {e.se:.2f}" if e.se is not None else (f"{e.mean:+.2f}" if e.n else "")
         out.append(row)
 
     if "ERM oracle" in present and "ERM" in present:

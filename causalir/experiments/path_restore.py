@@ -166,7 +166,6 @@ def run(profile: str = "quick", seed: int = 0, device: str = "auto", keep_models
         vmean = _means(vrows)
         dn_val = vmean[base]["psnr"]
         chosen, reference = choose_penalty(vmean, base, "multi-path, all longest", prof.tol_db)
-        ok = reference == "baseline"
         # the FLOPs-matched static network: the chosen routing's mean val cost, rounded up to whole long blocks,
         # trained from scratch like the baseline (same data, same steps)
         static_paths = matched_static_paths(prof.net, vmean[chosen]["gflops"] * 1e9)
@@ -188,7 +187,8 @@ def run(profile: str = "quick", seed: int = 0, device: str = "auto", keep_models
                                      "p": float(k.split("=")[1]) if k.startswith("PR ") else None})
         for r in trows:
             results["test"].append({"task": task.name, **r})
-        results["selected"][task.name] = {"method": chosen, "matched_on_val": bool(ok), "reference": reference,
+        results["selected"][task.name] = {"method": chosen, "matched_on_val": reference == "baseline",
+                                          "reference": reference,
                                           "val_psnr": vmean[chosen]["psnr"], "val_psnr_dncnn": dn_val,
                                           "static_matched": matched, "static_paths": list(static_paths),
                                           "l0": run_.l0}
