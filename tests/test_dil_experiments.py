@@ -409,3 +409,47 @@ def test_show_theta_phi_titles_report_theta_and_phi(denoise):
     fig0 = X.show_theta_phi(denoise["models"]["DIL-pf"], 30, 0.0, side=32)   # alpha 0: phi is theta
     t0 = [a.get_title() for a in fig0.axes]
     assert t0[1].split("\n")[1].split(",")[0] == t0[2].split("\n")[1]
+
+
+def test_a_units_key_holds_only_what_that_method_trains_with(tmp_path, monkeypatch):
+    """The baselines of a study can run before the sweep has chosen alpha: ERM's finished unit is reused under
+    another alpha or method list, while DIL-pf's is not (alpha is its own option)."""
+    root = tmp_path / "study"
+    kw = dict(seeds=1, threads=1, run_root=str(root), **TINY)
+    experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "a",
+                    strategies=("erm", "dil_pf"), alpha=0.05, **kw)
+    calls = []
+    real = X.train_one
+    monkeypatch.setattr(X, "train_one", lambda name, *a, **k: (calls.append(name), real(name, *a, **k))[1])
+    experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "b",
+                    strategies=("erm", "erm_oracle"), alpha=0.01, **kw)
+    assert calls == ["erm_oracle"]                         # ERM from the folder: alpha is not its option
+    prof = X.PROFILES_DENOISE["quick"]
+    assert X._done_key(prof, True, "erm") == X._done_key(dataclasses.replace(prof, alpha=0.3, strategies=("erm",)), True, "erm")
+    assert X._done_key(prof, True, "dil_pf") != X._done_key(dataclasses.replace(prof, alpha=0.3), True, "dil_pf")
+    assert X._done_key(prof, True, "dil_sf_reference") != X._done_key(dataclasses.replace(prof, ref_meta_lr=0.3), True,
+                                                                       "dil_sf_reference")
+    with pytest.raises(ValueError, match="another profile"):           # DIL-pf under another alpha retrains
+        experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "c",
+                        strategies=("erm", "dil_pf"), alpha=0.01, **kw)
+
+
+def test_the_sweep_can_train_its_candidates_for_equal_iterations(monkeypatch, tmp_path):
+    """sweep['arm'] = 'iterations': each alpha candidate takes fraction x budget optimiser steps (as many as ERM
+    would), not that many distorted batches; a bad arm names the field."""
+    seen = []
+    real = X.train_one
+
+    def spy(name, prof, *a, budget=None, arm="batches", **k):
+        seen.append((name, prof.steps(name, 4, arm) if budget is None else dataclasses.replace(prof, budget=budget).steps(
+            name, 4, arm)))
+        return real(name, prof, *a, budget=budget, arm=arm, **k)
+
+    monkeypatch.setattr(X, "train_one", spy)
+    rec = experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path, strategies=("erm",), seeds=1,
+                          sweep={"fraction": 0.5, "arm": "iterations", "alpha": [0.001]}, **TINY)
+    budget = TINY.get("budget", X.PROFILES_DENOISE["quick"].budget)
+    assert seen[0] == ("dil_pf", round(0.5 * budget))
+    assert rec["tables"]["sweep"]["arm"] == "iterations"
+    with pytest.raises(ValueError, match=r"sweep\['arm'\].*'hours'"):
+        X.DILProfile(sweep={"arm": "hours"})

@@ -125,6 +125,8 @@ class DILProfile:
         check_number(o, "gate_db", self.gate_db)
         if not isinstance(self.sweep, Mapping):
             raise TypeError(f"{o}.sweep: expected a dict, got {self.sweep!r}")
+        if "arm" in self.sweep:
+            check_choice(o, "sweep['arm']", self.sweep["arm"], BUDGETS)
         if isinstance(self.strategies, str):
             raise ValueError(f"{o}.strategies: expected a non-empty subset of {', '.join(LABEL)}, got the string "
                              f"{self.strategies!r} (write ({self.strategies!r},))")
@@ -361,21 +363,31 @@ def theta_phi(model: torch.nn.Module, prof: DILProfile, seen: Sequence[distortio
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _done_key(prof: DILProfile, with_input: bool) -> Dict[str, Any]:
-    """What a finished method's cached results depend on (a changed profile trains it again)."""
+#: the profile fields that set one method's strategy options (replaced in a unit's key by that method's own
+#: resolved options, :meth:`DILProfile.strategy_kwargs`), and the fields that never change what one unit trains
+_STRATEGY_FIELDS = ("alpha", "meta_lr", "n_distortions", "ref_inner_lr", "ref_meta_lr", "ref_n_distortions")
+_NOT_IN_UNIT = ("run_root", "seeds", "sweep", "strategies", "budgets", "gate_db")
+
+
+def _done_key(prof: DILProfile, with_input: bool, name: str) -> Dict[str, Any]:
+    """What method ``name``'s cached results depend on: the shared training fields, its own strategy options and
+    its step count in either arm (a changed profile trains it again). Fields that only other methods use (alpha
+    for ERM, say), the list of methods and the sweep are not part of it, so that the baselines of a study can
+    start before the sweep has chosen alpha."""
     d = asdict(prof) if not isinstance(prof, BackbonesProfile) else prof.base()
-    return json.loads(json.dumps({**{k: v for k, v in d.items() if k not in ("run_root", "seeds", "sweep")},
+    shared = {k: v for k, v in d.items() if k not in _NOT_IN_UNIT + _STRATEGY_FIELDS}
+    return json.loads(json.dumps({**shared, "method": name, "options": prof.strategy_kwargs(name),
                                   "with_input": with_input}, default=str))
 
 
-def _load_done(unit: Optional[Path], prof: DILProfile, label: str, with_input: bool, model_name, model_cfg):
+def _load_done(unit: Optional[Path], prof: DILProfile, name: str, with_input: bool, model_name, model_cfg):
     """A finished method's results from a resumable study's folder (None: train it)."""
     import pandas as pd
 
     if unit is None or not (unit / "done.json").is_file():
         return None
     rec = json.loads((unit / "done.json").read_text())
-    if rec.get("key") != _done_key(prof, with_input):
+    if rec.get("key") != _done_key(prof, with_input, name):
         raise ValueError(f"{unit} holds results of another profile; choose another run_root or remove the folder")
     model = models.build(model_name or prof.model, **(model_cfg if model_cfg is not None else prof.model_cfg))
     models.load_state(model, unit / "selected.safetensors")
@@ -383,13 +395,13 @@ def _load_done(unit: Optional[Path], prof: DILProfile, label: str, with_input: b
             "frame": pd.DataFrame(rec["frame"])}
 
 
-def _save_done(unit: Optional[Path], prof: DILProfile, done: Dict[str, Any], with_input: bool) -> None:
+def _save_done(unit: Optional[Path], prof: DILProfile, name: str, done: Dict[str, Any], with_input: bool) -> None:
     if unit is None:
         return
     unit.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in done["model"].state_dict().items()},
               str(unit / "selected.safetensors"))
-    atomic_write_json(unit / "done.json", {"key": _done_key(prof, with_input), "curve": done["curve"],
+    atomic_write_json(unit / "done.json", {"key": _done_key(prof, with_input, name), "curve": done["curve"],
                                            "row": done["row"], "frame": done["frame"].to_dict(orient="records")})
 
 
@@ -467,7 +479,7 @@ def _run_methods(prof: DILProfile, seen, tests: Dict[str, distortions.Distortion
                 label = tag + LABEL[name] + ("" if single else ARM_SUFFIX[arm])
                 unit = None if not prof.run_root else (Path(prof.run_root) / f"seed-{s}" / tag.strip(": ")
                                                        / ("both" if single else arm) / name)
-                done = _load_done(unit, prof, label, first, model_name, model_cfg)
+                done = _load_done(unit, prof, name, first, model_name, model_cfg)
                 if done is None:
                     kw = (strategy_kwargs or {}).get(name)
                     tr = train_one(name, prof, seen, s, device, val_sel, val_curve, kw, model_name=model_name,
@@ -485,7 +497,7 @@ def _run_methods(prof: DILProfile, seen, tests: Dict[str, distortions.Distortion
                         df["seed"], df["set"] = s, set_name
                         parts.append(df)
                     done = {"model": tr.model, "curve": tr.curve, "row": row, "frame": pd.concat(parts)}
-                    _save_done(unit, prof, done, first)
+                    _save_done(unit, prof, name, done, first)
                 kept[label] = done["model"]
                 curves.setdefault(label, []).append(done["curve"])
                 budgets.setdefault(label, []).append(done["row"])
@@ -499,13 +511,14 @@ def _run_methods(prof: DILProfile, seen, tests: Dict[str, distortions.Distortion
 def _sweep(prof: DILProfile, seen, val_sel, val_curve, seed: int, device: str) -> Dict[str, Any]:
     """Choose alpha (paper variants, on dil_pf) and, if listed, the released sf's meta lr, on the validation
     photos only, each candidate trained on ``sweep["budget"]`` distorted batches (or ``sweep["fraction"]`` of
-    the main budget). The restorer gate: a candidate is accepted only if its selected theta beats the noisy
+    the main budget; ``sweep["arm"]`` = "iterations": that many optimiser steps, as ERM takes). The restorer gate: a candidate is accepted only if its selected theta beats the noisy
     input on validation at every seen level by more than ``prof.gate_db``; the best accepted candidate (mean
     validation PSNR at ``val_sel``) wins. If none passes, the profile's own value is kept and the sweep says so."""
     rows, chosen = [], {}
     if not prof.sweep:
         return {"rows": rows, "chosen": chosen}
     budget = int(prof.sweep.get("budget") or max(1, round(prof.sweep.get("fraction", 0.5) * prof.budget)))
+    arm = prof.sweep.get("arm", "batches")  # "iterations": each candidate takes ``budget`` optimiser steps
     gate = {f"seen {d.label}": d for d in seen}
     val = validation_images(prof)
     inputs = train.validate(torch.nn.Identity(), val, {**val_sel, **val_curve, **gate}, device=torch.device("cpu"))
@@ -513,7 +526,7 @@ def _sweep(prof: DILProfile, seen, val_sel, val_curve, seed: int, device: str) -
     def one(strategy: str, key: str, value: float, kwargs: Dict[str, Any]) -> None:
         unit = (Path(prof.run_root) / f"sweep-seed-{seed}" / f"{strategy}-{key}-{value:g}") if prof.run_root else None
         tr = train_one(strategy, prof, seen, seed, device, val_sel, val_curve, kwargs, budget=budget, val_gate=gate,
-                       run_dir=unit)
+                       run_dir=unit, arm=arm)
         sel = next(p for p in tr.curve if p["step"] == tr.selected_step) if tr.selected_step else tr.curve[-1]
         margin = min(sel[f"val {k}"] - inputs[k] for k in gate)
         rows.append({"strategy": strategy, key: value, "val_select": round(sel["val_select"], 3),
@@ -536,7 +549,7 @@ def _sweep(prof: DILProfile, seen, val_sel, val_curve, seed: int, device: str) -
     if prof.sweep.get("ref_meta_lr"):
         pick("dil_sf_reference", "meta_lr", prof.ref_meta_lr or prof.lr)
         chosen["ref_meta_lr"] = chosen.pop("meta_lr")
-    return {"rows": rows, "chosen": chosen, "budget": budget, "seed": seed, "gate_db": prof.gate_db,
+    return {"rows": rows, "chosen": chosen, "budget": budget, "arm": arm, "seed": seed, "gate_db": prof.gate_db,
             "input_val": {k: round(v, 3) for k, v in inputs.items()},
             "criterion": f"max over checkpoints of mean validation PSNR at {', '.join(val_sel)} (validation photos), "
                          f"among candidates whose theta beats the noisy input at every seen level by > "
