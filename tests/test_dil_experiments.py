@@ -48,7 +48,7 @@ def test_denoise_record_is_complete_and_written(denoise):
     assert experiments.rejudge(saved)["claims"] == saved["claims"]    # claims come from config + tables alone
 
 
-def test_keep_models_returns_the_last_seeds_models(denoise):
+def test_keep_models_returns_the_first_seeds_models(denoise):
     assert set(denoise["models"]) == {"ERM", "DIL-pf", "DIL-sf (released code)"}
     assert all(isinstance(m, torch.nn.Module) for m in denoise["models"].values())
     assert not hasattr(X, "LAST_MODELS")
@@ -453,3 +453,30 @@ def test_the_sweep_can_train_its_candidates_for_equal_iterations(monkeypatch, tm
     assert rec["tables"]["sweep"]["arm"] == "iterations"
     with pytest.raises(ValueError, match=r"sweep\['arm'\].*'hours'"):
         X.DILProfile(sweep={"arm": "hours"})
+
+
+def test_psnr_table_is_mean_and_se_over_seeds_or_photos(protocol, denoise):
+    """The closing table: one seed -> mean ± SE over the test photos; several seeds -> over the seeds' means."""
+    lab = distortions.GaussianNoise(30.0).label
+    t = X.psnr_table(protocol)
+    assert list(t.columns) == ["σ=15", "σ=20", "σ=30", "σ=40", "σ=50"] and t.index[0] == "input"
+    v = [r["psnr"] for r in X._test_rows(protocol) if r["method"] == "DIL-pf" and r["distortion"] == lab]
+    assert t.loc["DIL-pf", "σ=30"] == f"{np.mean(v):.2f} ± {np.std(v, ddof=1) / np.sqrt(len(v)):.2f}"
+    seeds = C.seed_means(X._test_rows(denoise), method="ERM", distortion=lab)
+    assert len(seeds) >= 2
+    want = f"{np.mean(seeds):.2f} ± {np.std(seeds, ddof=1) / np.sqrt(len(seeds)):.2f}"
+    assert X.psnr_table(denoise).loc["ERM", "σ=30"] == want
+
+
+def test_kept_and_shipped_models_are_the_first_seeds(tmp_path):
+    """A multi-seed run keeps (and ``--ship`` writes to seed-<seed>/) the models of its first seed."""
+    from safetensors.torch import load_file
+
+    root = tmp_path / "study"
+    rec = experiments.run("dil-denoise", "quick", seed=3, device="cpu", out_dir=tmp_path, keep_models=True,
+                          strategies=("erm",), seeds=2, threads=1, run_root=str(root), **TINY)
+    first = load_file(str(root / "seed-3" / "both" / "erm" / "selected.safetensors"))
+    second = load_file(str(root / "seed-4" / "both" / "erm" / "selected.safetensors"))
+    kept = rec["models"]["ERM"].state_dict()
+    assert all(torch.equal(kept[k], first[k]) for k in first)
+    assert not all(torch.equal(kept[k], second[k]) for k in second)

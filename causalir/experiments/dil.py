@@ -461,7 +461,7 @@ def _run_methods(prof: DILProfile, seen, tests: Dict[str, distortions.Distortion
     """Train and test every method of ``prof`` for ``prof.seeds`` seeds from ``seed``, in every budget arm of
     ``prof.budgets`` (a method with one distorted batch per step, ERM and the oracle, takes the same steps in
     both arms and is trained once): the per-image frame, curves, budgets (with theta-vs-phi diagnostics for the
-    paper variants) and the models of the last seed (label -> model). ``oracle``: the distortions the oracle
+    paper variants) and the models of the first seed, ``seed`` (label -> model). ``oracle``: the distortions the oracle
     baseline trains on (the test conditions)."""
     import pandas as pd
 
@@ -498,7 +498,8 @@ def _run_methods(prof: DILProfile, seen, tests: Dict[str, distortions.Distortion
                         parts.append(df)
                     done = {"model": tr.model, "curve": tr.curve, "row": row, "frame": pd.concat(parts)}
                     _save_done(unit, prof, name, done, first)
-                kept[label] = done["model"]
+                if s == seed:   # the first seed's models: what --ship writes to seed-<seed>/
+                    kept[label] = done["model"]
                 curves.setdefault(label, []).append(done["curve"])
                 budgets.setdefault(label, []).append(done["row"])
                 frames.append(done["frame"])
@@ -912,6 +913,29 @@ def _paper_row(key: str, lab: str, mean, std, levels: Sequence[float]) -> Dict[s
         sd = std.loc[lab, col]
         row[f"ours σ={s:g}"] = f"{mean.loc[lab, col]:.2f}" + ("" if pd.isna(sd) else f" ± {sd:.2f}")
     return row
+
+
+def psnr_table(res: Dict[str, Any], levels: Sequence[float] = (15, 20, 30, 40, 50), set_name: str = TEST_SET):
+    """Every method's PSNR (dB) at each noise level as "mean ± SE": over seeds (the per-seed mean over the test
+    photos) with >= 2 seeds, over the photos with one; the noisy input first. The study's closing table."""
+    import pandas as pd
+
+    df = pd.DataFrame(C.rows_where(res["tables"]["per_image"], set=set_name))
+    labs = {s: distortions.GaussianNoise(float(s)).label for s in levels}
+    out: Dict[str, Dict[str, str]] = {}
+    for method in dict.fromkeys(df["method"]):
+        row = {}
+        for s, lab in labs.items():
+            d = df[(df["method"] == method) & (df["distortion"] == lab)]
+            if d.empty:
+                row[f"σ={s:g}"] = ""
+                continue
+            per_seed = d.groupby("seed")["psnr"].mean()
+            v = per_seed if len(per_seed) > 1 else d["psnr"]
+            se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+            row[f"σ={s:g}"] = f"{v.mean():.2f}" + ("" if np.isnan(se) else f" ± {se:.2f}")
+        out[method] = row
+    return pd.DataFrame(out).T
 
 
 def arm_of(label: str) -> Optional[str]:
