@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -480,3 +481,23 @@ def test_kept_and_shipped_models_are_the_first_seeds(tmp_path):
     kept = rec["models"]["ERM"].state_dict()
     assert all(torch.equal(kept[k], first[k]) for k in first)
     assert not all(torch.equal(kept[k], second[k]) for k in second)
+
+
+def test_study_findings_are_computed_from_the_record(protocol):
+    """Notebook 02's findings are sentences built from the record: the headroom and the gains are the claims'
+    estimates, the verdict counts add up, and nothing refers to a method the record lacks."""
+    text = X.study_findings(protocol)
+    rows = X._test_rows(protocol)
+    lab50 = distortions.GaussianNoise(50.0).label
+    e = X._difference(rows, "ERM oracle", "ERM", lab50)
+    assert f"σ=50: {e.mean:+.2f} ± {e.se:.2f} dB" in text
+    pf = X._difference(rows, "DIL-pf [equal iterations]", "ERM stratified [equal iterations]", lab50)
+    assert f"DIL-pf {pf.mean:+.2f} ± {pf.se:.2f} dB" in text
+    counts = [int(n) for n in re.findall(r"(\d+) (?:reproduced|direction only|not reproduced|inconclusive)",
+                                         text.split("Verdicts: ")[1])]
+    assert sum(counts) == len(protocol["claims"])
+    assert "Equal iterations (the paper's)" in text and "Equal distorted batches (ours)" in text
+    assert "DIL-ss" not in text                              # not in this record
+    # a model below its input is named, so the reader knows which claims are inconclusive
+    gains = X.gain_over_input(protocol)
+    assert ("Every model beats the noisy input" in text) == bool((gains > 0).all().all())

@@ -946,6 +946,13 @@ def arm_of(label: str) -> Optional[str]:
     return None if label in ("ERM", "ERM oracle", "input") else "batches"
 
 
+def _difference(rows, a: str, b: str, where: str) -> C.Estimate:
+    """``a`` minus ``b`` at distortion ``where`` (dB), estimated as the claims estimate it: per-seed differences of
+    means with >= 2 seeds, else paired per image."""
+    A, B = {"method": a, "distortion": where}, {"method": b, "distortion": where}
+    return C.pick(seeds=C.seed_diffs(rows, A, B), units=C.paired_diffs(rows, A, B))
+
+
 def headroom_table(res: Dict[str, Any], levels: Sequence[float] = (30, 40, 50)):
     """The study in one table (dB, test photos, mean ± SE over seeds): the oracle's headroom over ERM at each
     unseen σ, then every other method against ERM and, for the paper variants, against the stratified ERM of the
@@ -960,8 +967,7 @@ def headroom_table(res: Dict[str, Any], levels: Sequence[float] = (30, 40, 50)):
     def add(name: str, a: str, b: str) -> None:
         row: Dict[str, Any] = {"comparison": name}
         for s in levels:
-            A, B = {"method": a, "distortion": labs[s]}, {"method": b, "distortion": labs[s]}
-            e = C.pick(seeds=C.seed_diffs(rows, A, B), units=C.paired_diffs(rows, A, B))   # as the claims do
+            e = _difference(rows, a, b, labs[s])
             row[f"σ={s:g}"] = f"{e.mean:+.2f} ± {e.se:.2f}" if e.se is not None else (f"{e.mean:+.2f}" if e.n else "")
         out.append(row)
 
@@ -1006,6 +1012,66 @@ def study_summary(res: Dict[str, Any]) -> str:
         f"{res.get('wall_time_s', float('nan')):.0f} s (a resumed study reloads the finished methods)",
     ]
     return "\n".join(lines)
+
+
+def study_findings(res: Dict[str, Any], sigma: float = 50.0) -> str:
+    """What a dil-denoise record found, as markdown bullets computed from it (nothing typed in): whether every
+    model restores, the oracle's headroom per unseen level, per budget arm the DIL variants against ERM and against
+    the stratified ERM at ``sigma`` (mean ± SE and 95% interval, as the claims estimate them), the released sf at
+    its released and at ERM's learning rates, and the verdict counts."""
+    rows = _test_rows(res)
+    present = list(dict.fromkeys(r["method"] for r in rows))
+    lab = distortions.GaussianNoise(float(sigma)).label
+
+    def fmt(e: C.Estimate) -> str:
+        if e.se is None:
+            return f"{e.mean:+.2f} dB ({e.n} {e.over})"
+        return f"{e.mean:+.2f} ± {e.se:.2f} dB (95% [{e.low:+.2f}, {e.high:+.2f}], {e.n} {e.over})"
+
+    def sign(e: C.Estimate) -> str:
+        if not e.decidable:
+            return "undecided"
+        return "above" if e.low > 0 else "below" if e.high < 0 else "indistinguishable from"
+
+    out = []
+    gains = gain_over_input(res, TEST_SET)
+    bad = [(m, c) for m in gains.index for c in gains.columns if gains.loc[m, c] <= 0]
+    out.append("Every model beats the noisy input at every test level." if not bad else
+               "Below the noisy input (claims there are inconclusive): "
+               + "; ".join(f"{m} at {c}" for m, c in bad) + ".")
+    if "ERM oracle" in present and "ERM" in present:
+        parts = []
+        for s in (30, 40, 50):
+            e = _difference(rows, "ERM oracle", "ERM", distortions.GaussianNoise(float(s)).label)
+            parts.append(f"σ={s}: {fmt(e)}, {sign(e)} zero")
+        out.append("Headroom (the oracle minus ERM): " + "; ".join(parts) + ".")
+    for arm in BUDGETS:
+        suffix = "" if arm == "batches" else ARM_SUFFIX["iterations"]
+        name = {"batches": "Equal distorted batches (ours)", "iterations": "Equal iterations (the paper's)"}[arm]
+        variants = [LABEL[k] + suffix for k in dil.PAPER_VARIANTS if LABEL[k] + suffix in present]
+        if not variants or "ERM" not in present:
+            continue
+        vs_erm = {v: _difference(rows, v, "ERM", lab) for v in variants}
+        best = max(vs_erm, key=lambda v: vs_erm[v].mean)
+        line = (f"{name}, σ={sigma:g}: the best paper variant against ERM is {best} at {fmt(vs_erm[best])}; "
+                f"{sum(sign(e) == 'above' for e in vs_erm.values())} of {len(vs_erm)} variants are above ERM, "
+                f"{sum(sign(e) == 'below' for e in vs_erm.values())} below (paper: "
+                f"{min(PAPER_DENOISE[k][50] - PAPER_DENOISE['erm'][50] for k in dil.PAPER_VARIANTS):+.2f} to "
+                f"{max(PAPER_DENOISE[k][50] - PAPER_DENOISE['erm'][50] for k in dil.PAPER_VARIANTS):+.2f} dB at σ=50).")
+        strat = "ERM stratified" + suffix
+        if strat in present:
+            vs_s = {v: _difference(rows, v, strat, lab) for v in variants}
+            line += (" Against the stratified ERM (the meta-learning term): "
+                     + "; ".join(f"{v.replace(suffix, '')} {fmt(e)}" for v, e in vs_s.items()) + ".")
+        out.append(line)
+        refs = [r + suffix for r in (LABEL["dil_sf_reference"], LABEL["dil_sf_reference_lr"]) if r + suffix in present]
+        if refs:
+            out.append(f"{name}, the released sf against ERM at σ={sigma:g}: "
+                       + "; ".join(f"{r.replace(suffix, '')} {fmt(_difference(rows, r, 'ERM', lab))}" for r in refs)
+                       + ".")
+    counts = {v: sum(c["verdict"] == v for c in res.get("claims", [])) for v in C.VERDICTS}
+    out.append("Verdicts: " + ", ".join(f"{n} {v}" for v, n in counts.items()) + f" (of {len(res.get('claims', []))}).")
+    return "\n".join(f"- {line}" for line in out)
 
 
 def verdict_counts(res: Dict[str, Any]):
