@@ -501,3 +501,26 @@ def test_study_findings_are_computed_from_the_record(protocol):
     # a model below its input is named, so the reader knows which claims are inconclusive
     gains = X.gain_over_input(protocol)
     assert ("Every model beats the noisy input" in text) == bool((gains > 0).all().all())
+
+
+def test_a_finished_sweep_candidate_is_not_trained_again(tmp_path, monkeypatch):
+    """The sweep keeps each candidate's row beside its checkpoints: resumed without them (the checkpoints are not
+    committed, the rows are), the study reuses the rows and makes the same choice; another budget retrains."""
+    import shutil
+
+    root = tmp_path / "study"
+    kw = dict(strategies=("erm",), seeds=1, threads=1, run_root=str(root), **TINY)
+    sweep = {"fraction": 0.5, "arm": "iterations", "alpha": [0.001, 0.01]}
+    first = experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "a", sweep=sweep, **kw)
+    for fit in root.glob("sweep-seed-0/*/fit"):
+        shutil.rmtree(fit)
+    calls = []
+    real = X.train_one
+    monkeypatch.setattr(X, "train_one", lambda name, *a, **k: (calls.append(name), real(name, *a, **k))[1])
+    again = experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "b", sweep=sweep, **kw)
+    assert calls == []
+    assert again["tables"]["sweep"]["rows"] == first["tables"]["sweep"]["rows"]
+    assert again["tables"]["sweep"]["chosen"] == first["tables"]["sweep"]["chosen"]
+    experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "c",
+                    sweep={**sweep, "fraction": 1.0}, **kw)
+    assert calls == ["dil_pf", "dil_pf"]

@@ -526,13 +526,23 @@ def _sweep(prof: DILProfile, seen, val_sel, val_curve, seed: int, device: str) -
 
     def one(strategy: str, key: str, value: float, kwargs: Dict[str, Any]) -> None:
         unit = (Path(prof.run_root) / f"sweep-seed-{seed}" / f"{strategy}-{key}-{value:g}") if prof.run_root else None
-        tr = train_one(strategy, prof, seen, seed, device, val_sel, val_curve, kwargs, budget=budget, val_gate=gate,
-                       run_dir=unit, arm=arm)
-        sel = next(p for p in tr.curve if p["step"] == tr.selected_step) if tr.selected_step else tr.curve[-1]
-        margin = min(sel[f"val {k}"] - inputs[k] for k in gate)
-        rows.append({"strategy": strategy, key: value, "val_select": round(sel["val_select"], 3),
-                     "gate_margin_db": round(margin, 3), "accepted": bool(margin > prof.gate_db),
-                     "selected_step": tr.selected_step, "wall_time_s": round(tr.wall_time, 2)})
+        # a finished candidate's row is kept beside its checkpoints (and in git, under data/studies/): a study
+        # resumed on another machine does not train the sweep again
+        ukey = {**_done_key(prof, False, strategy), "options": kwargs, "budget": budget, "arm": arm, "seed": seed}
+        ukey = json.loads(json.dumps(ukey, default=str))
+        cached = None if unit is None or not (unit / "row.json").is_file() else json.loads((unit / "row.json").read_text())
+        if cached is not None and cached.get("key") == ukey:
+            row = cached["row"]
+        else:
+            tr = train_one(strategy, prof, seen, seed, device, val_sel, val_curve, kwargs, budget=budget,
+                           val_gate=gate, run_dir=unit, arm=arm)
+            sel = next(p for p in tr.curve if p["step"] == tr.selected_step) if tr.selected_step else tr.curve[-1]
+            row = {"strategy": strategy, key: value, "val_select": round(sel["val_select"], 3),
+                   "gate_margin_db": round(min(sel[f"val {k}"] - inputs[k] for k in gate), 3),
+                   "selected_step": tr.selected_step, "wall_time_s": round(tr.wall_time, 2)}
+            if unit is not None:
+                atomic_write_json(unit / "row.json", {"key": ukey, "row": row})
+        rows.append({**row, "accepted": bool(row["gate_margin_db"] > prof.gate_db)})
 
     def pick(strategy: str, key: str, default: float) -> None:
         ok = [r for r in rows if r["strategy"] == strategy and key in r and r["accepted"]]
