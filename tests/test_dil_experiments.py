@@ -524,3 +524,26 @@ def test_a_finished_sweep_candidate_is_not_trained_again(tmp_path, monkeypatch):
     experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "c",
                     sweep={**sweep, "fraction": 1.0}, **kw)
     assert calls == ["dil_pf", "dil_pf"]
+
+
+def test_a_unit_rerun_in_another_process_is_bit_identical(tmp_path):
+    """What COMMAND.sh's verify mode checks on the committed study, on a tiny profile: two fresh processes
+    (threads pinned by the profile) train the same units to the same weights, curves and per-image PSNRs."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    code = ("import sys; from causalir import experiments; experiments.run('dil-denoise', 'quick', seed=1, "
+            "device='cpu', out_dir=sys.argv[1], strategies=('erm', 'dil_pf'), seeds=1, threads=1, "
+            f"run_root=sys.argv[1] + '/study', **{TINY!r})")
+    for run in ("a", "b"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / run)], check=True, timeout=300)
+    for unit in ("both/erm", "batches/dil_pf"):
+        a, b = (json.loads((tmp_path / r / "study" / "seed-1" / unit / "done.json").read_text()) for r in "ab")
+        clockless = lambda row: {k: v for k, v in row.items() if k != "wall_time_s"}  # noqa: E731
+        assert a["frame"] == b["frame"] and clockless(a["row"]) == clockless(b["row"])   # theta_phi included
+        assert [{k: v for k, v in p.items() if k != "wall_time"} for p in a["curve"]] == [
+            {k: v for k, v in p.items() if k != "wall_time"} for p in b["curve"]]
+        wa, wb = (load_file(str(tmp_path / r / "study" / "seed-1" / unit / "selected.safetensors")) for r in "ab")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
