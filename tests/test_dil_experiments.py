@@ -289,6 +289,10 @@ def test_protocol_claims_need_the_oracle_headroom(protocol):
     assert "DIL-pf [equal iterations] beats ERM at unseen σ=50 (dB gain)" in claims
     assert "ERM oracle beats ERM at unseen σ=50 (headroom, dB)" in claims
     assert "DIL-pf beats ERM stratified at unseen σ=50 (meta-learning term, dB)" in claims
+    # each arm against the stratified ERM of its own arm (the same steps), never the other arm's
+    assert ("DIL-pf [equal iterations] beats ERM stratified [equal iterations] at unseen σ=50 (meta-learning term, "
+            "dB)") in claims
+    assert not [c for c in claims if "[equal iterations] beats ERM stratified at" in c]
     # a failed precondition makes the verdict inconclusive, never "not reproduced"
     for c in protocol["claims"]:
         if any(not p["ok"] for p in c["checks"]):

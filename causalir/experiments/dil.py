@@ -671,7 +671,7 @@ def claims_denoise(record: Mapping[str, Any]) -> List[C.Claim]:
                     out.append(_beats(rows, f"{me} beats ERM at unseen σ={s} (dB gain)",
                                       PAPER_DENOISE[pkey][s] - PAPER_DENOISE["erm"][s], me, "ERM", lab[s],
                                       note=note, require=_headroom(rows, lab[s])))
-                    strat = "ERM stratified" + ("" if _has(rows, lab[s], "ERM stratified") else ARM_SUFFIX[arm])
+                    strat = "ERM stratified" + ARM_SUFFIX[arm]      # the control of the same budget arm
                     if name in dil.PAPER_VARIANTS and _has(rows, lab[s], strat):
                         out.append(_beats(rows, f"{me} beats {strat} at unseen σ={s} (meta-learning term, dB)",
                                           None, me, strat, lab[s], require=_headroom(rows, lab[s]),
