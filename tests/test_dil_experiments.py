@@ -551,3 +551,27 @@ def test_a_unit_rerun_in_another_process_is_bit_identical(tmp_path):
             {k: v for k, v in p.items() if k != "wall_time"} for p in b["curve"]]
         wa, wb = (load_file(str(tmp_path / r / "study" / "seed-1" / unit / "selected.safetensors")) for r in "ab")
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_a_unit_written_before_a_new_profile_field_still_loads(tmp_path, monkeypatch):
+    """Committed study units outlive new DILProfile options: a key without a field matches while that field is at
+    its default, not once it is changed; a changed value or an unknown extra field never matches."""
+    prof = X.PROFILES_DENOISE["quick"]
+    key = X._done_key(prof, True, "erm")
+    old = {k: v for k, v in key.items() if k != "val_tiles"}          # as written before val_tiles existed
+    assert X._same_key(old, key)
+    assert not X._same_key(old, X._done_key(dataclasses.replace(prof, val_tiles=4), True, "erm"))
+    assert not X._same_key({**key, "lr": 0.5}, key)
+    assert not X._same_key({**key, "bogus": 1}, key) and not X._same_key(None, key)
+    root = tmp_path / "study"
+    kw = dict(strategies=("erm",), seeds=1, threads=1, run_root=str(root), **TINY)
+    first = experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "a", **kw)
+    done = root / "seed-0" / "both" / "erm" / "done.json"
+    rec = json.loads(done.read_text())
+    rec["key"].pop("val_tiles")
+    done.write_text(json.dumps(rec))
+    calls = []
+    real = X.train_one
+    monkeypatch.setattr(X, "train_one", lambda name, *a, **k: (calls.append(name), real(name, *a, **k))[1])
+    again = experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "b", **kw)
+    assert calls == [] and again["tables"]["per_image"] == first["tables"]["per_image"]      # loaded, not trained

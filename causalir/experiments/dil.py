@@ -380,6 +380,17 @@ def _done_key(prof: DILProfile, with_input: bool, name: str) -> Dict[str, Any]:
                                   "with_input": with_input}, default=str))
 
 
+def _same_key(stored: Any, current: Dict[str, Any]) -> bool:
+    """A cached unit's key matches the current one; a profile field added to the code after the unit was written
+    (absent from the stored key) matches while it is at its default, so that committed studies survive new
+    options (the values such a unit ran with are the defaults: the field did not exist)."""
+    if not isinstance(stored, Mapping):
+        return False
+    defaults = json.loads(json.dumps(asdict(DILProfile()), default=str))
+    return set(stored) <= set(current) and all(
+        stored[k] == v if k in stored else (k in defaults and v == defaults[k]) for k, v in current.items())
+
+
 def _load_done(unit: Optional[Path], prof: DILProfile, name: str, with_input: bool, model_name, model_cfg):
     """A finished method's results from a resumable study's folder (None: train it)."""
     import pandas as pd
@@ -387,7 +398,7 @@ def _load_done(unit: Optional[Path], prof: DILProfile, name: str, with_input: bo
     if unit is None or not (unit / "done.json").is_file():
         return None
     rec = json.loads((unit / "done.json").read_text())
-    if rec.get("key") != _done_key(prof, with_input, name):
+    if not _same_key(rec.get("key"), _done_key(prof, with_input, name)):
         raise ValueError(f"{unit} holds results of another profile; choose another run_root or remove the folder")
     model = models.build(model_name or prof.model, **(model_cfg if model_cfg is not None else prof.model_cfg))
     models.load_state(model, unit / "selected.safetensors")
@@ -531,7 +542,7 @@ def _sweep(prof: DILProfile, seen, val_sel, val_curve, seed: int, device: str) -
         ukey = {**_done_key(prof, False, strategy), "options": kwargs, "budget": budget, "arm": arm, "seed": seed}
         ukey = json.loads(json.dumps(ukey, default=str))
         cached = None if unit is None or not (unit / "row.json").is_file() else json.loads((unit / "row.json").read_text())
-        if cached is not None and cached.get("key") == ukey:
+        if cached is not None and _same_key(cached.get("key"), ukey):
             row = cached["row"]
         else:
             tr = train_one(strategy, prof, seen, seed, device, val_sel, val_curve, kwargs, budget=budget,
