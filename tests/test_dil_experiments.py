@@ -149,10 +149,14 @@ def _fields(p):
 
 def test_profiles_equal_the_old_per_name_branches():
     """Literal values of what the old ``profile_for(experiment, profile)`` returned."""
-    med = X.PROFILES_DENOISE["medium"]
-    assert (med.budget, med.batch_size, med.seeds, med.alpha, med.ref_meta_lr) == (1600, 8, 2, 0.01, 3e-3)
+    med = X.PROFILES_DENOISE["medium"]     # issue 13's study (data/studies/dil-denoise-medium/COMMAND.sh)
+    assert (med.model, med.model_cfg, med.budget, med.batch_size, med.seeds) == ("dncnn", {"nf": 32, "depth": 8},
+                                                                                  1600, 8, 3)
+    assert (med.alpha, med.ref_inner_lr, med.ref_meta_lr) == (0.01, X.RELEASED_LR, X.RELEASED_LR)
     assert (med.checkpoints, med.eval_side, med.n_distortions, med.lr) == (4, 128, 2, 1e-3)
-    assert med.sweep == {"budget": 64, "alpha": [0.01, 0.1], "ref_meta_lr": [1e-3, 3e-3]}
+    assert (med.budgets, med.val_tiles, med.threads, med.gate_db) == (("batches", "iterations"), 16, 1, 0.0)
+    assert set(med.strategies) == set(X.LABEL) and med.strategies[0] == "erm"
+    assert med.sweep == {"fraction": 0.25, "arm": "iterations", "alpha": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2]}
     assert X.PROFILES_DENOISE["quick"] == X.DILProfile()
     assert X.PROFILES_DENOISE["quick"].strategies == ("erm", "dil_pf", "dil_ps", "dil_sf", "dil_ss",
                                                       "dil_sf_reference")
@@ -183,8 +187,12 @@ def test_profiles_and_overrides():
     assert med.seeds >= 2
     committed = experiments.load_results("dil-denoise", "medium")
     if committed is not None:
-        ran = {k: v for k, v in committed["config"]["profile"].items() if k not in ("seeds", "sweep")}
-        ours = {k: v for k, v in _fields(med).items() if k not in ("seeds", "sweep")}
+        # the values the committed sweep chose (alpha...) replace the profile's fall-backs in the record
+        chosen = {k: v for k, v in (committed["tables"].get("sweep") or {}).get("chosen", {}).items()
+                  if not k.endswith("_note")}
+        assert all(committed["config"]["profile"][k] == v for k, v in chosen.items())
+        ran = {k: v for k, v in committed["config"]["profile"].items() if k not in ("seeds", "sweep", *chosen)}
+        ours = {k: v for k, v in _fields(med).items() if k not in ("seeds", "sweep", *chosen)}
         # fields added after the committed run must still be at the defaults it ran with
         new = {k: v for k, v in ours.items() if k not in ran}
         assert new == {k: v for k, v in _fields(X.DILProfile()).items() if k in new}

@@ -209,11 +209,22 @@ _FULL = DILProfile(model_cfg={"preset": "paper"}, batch_size=32, patch_size=64, 
                    sweep={"budget": 200_000, "alpha": [0.001, 0.01, 0.1], "ref_meta_lr": [1e-4, 3e-4]})
 _THREE = ("erm", "dil_sf", "dil_sf_reference")
 
-#: dil-denoise: all five DIL strategies. Medium is the committed CPU study: 1600 distorted batches of 8 per method,
-#: 2 seeds; alpha and the released sf's meta lr as chosen by the validation sweep of the first (64-batch) medium run.
+#: dil-denoise: all five DIL strategies. Medium is issue 13's CPU protocol study (data/studies/dil-denoise-medium/,
+#: resumable, every finished unit committed): the residual DnCNN 32/8 (the tiny no-skip RRDB of the first study had
+#: no oracle headroom), 1600 distorted batches of 8 x 32^2 per method in the equal-batches arm and 1600 steps in the
+#: equal-iterations arm, the three baselines, the released sf at its released 1e-4 / 1e-4, alpha swept on
+#: validation at a quarter of the equal-iterations budget with the restorer gate (0.01 is kept if no candidate
+#: passes), 16 validation tiles, one thread (bit-identical reruns), 3 seeds.
+_DENOISE_STUDY = replace(_MEDIUM, model="dncnn", model_cfg={"nf": 32, "depth": 8}, budget=1600, batch_size=8,
+                         alpha=0.01, ref_inner_lr=RELEASED_LR, ref_meta_lr=RELEASED_LR,
+                         strategies=("erm", "erm_oracle", "erm_stratified", "dil_pf", "dil_ps", "dil_sf", "dil_ss",
+                                     "dil_sf_reference", "dil_sf_reference_lr"),
+                         budgets=("batches", "iterations"), val_tiles=16, threads=1,
+                         sweep={"fraction": 0.25, "arm": "iterations",
+                                "alpha": [0.0001, 0.0003, 0.001, 0.003, 0.01]})
 PROFILES_DENOISE: Dict[str, DILProfile] = {
     "quick": _QUICK,
-    "medium": replace(_MEDIUM, budget=1600, batch_size=8, seeds=2, alpha=0.01, ref_meta_lr=3e-3),
+    "medium": _DENOISE_STUDY,
     "full": _FULL,
 }
 #: dil-deblur: one seed, no sweep, at most 96 distorted batches below full

@@ -44,7 +44,6 @@ NOT_SHIPPED: Dict[str, str] = {
     "backdoor-toy-medium": "a simulation: its models are small fitted tables recomputed in seconds",
     "erm-denoise-medium": "to be re-trained with its models kept (the committed run did not save them)",
     "dni-denoise-medium": "to be re-trained with its models kept (the committed run did not save them)",
-    "dil-denoise-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
     "dil-deblur-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
     "dil-types-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
     "dil-backbones-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
