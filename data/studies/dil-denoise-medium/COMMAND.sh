@@ -4,7 +4,9 @@
 # selected.safetensors) is committed under this folder, so a later session on a new machine continues.
 #   COMMAND.sh SEED [--set items]        one seed (one thread), no commit: trains its missing units here.
 #                                        Seed 0 runs the alpha sweep first; the others need alpha=<chosen>.
-#                                        Two processes may share a seed with disjoint 'strategies=[...]'.
+#                                        Two processes may share a seed with disjoint 'strategies=[...]',
+#                                        each list starting with "erm" (the seed's first unit also scores
+#                                        the noisy input, and its key says so).
 #   COMMAND.sh record N [flags]          the N-seed record (seeds 0..N-1) from the cached units, e.g.
 #                                        COMMAND.sh record 3 --commit --overwrite --ship
 #   COMMAND.sh verify SEED METHOD [ARM]  retrain one finished unit in runs/verify/ and compare it bit for bit
