@@ -381,8 +381,8 @@ _NOT_IN_UNIT = ("run_root", "seeds", "sweep", "strategies", "budgets", "gate_db"
 
 
 def _done_key(prof: DILProfile, with_input: bool, name: str) -> Dict[str, Any]:
-    """What method ``name``'s cached results depend on: the shared training fields, its own strategy options and
-    its step count in either arm (a changed profile trains it again). Fields that only other methods use (alpha
+    """What method ``name``'s cached results depend on: the shared training fields (the budget among them, which
+    sets its steps in either arm) and its own resolved strategy options (a changed profile trains it again). Fields that only other methods use (alpha
     for ERM, say), the list of methods and the sweep are not part of it, so that the baselines of a study can
     start before the sweep has chosen alpha."""
     d = asdict(prof) if not isinstance(prof, BackbonesProfile) else prof.base()
@@ -952,20 +952,15 @@ def psnr_table(res: Dict[str, Any], levels: Sequence[float] = (15, 20, 30, 40, 5
     photos) with >= 2 seeds, over the photos with one; the noisy input first. The study's closing table."""
     import pandas as pd
 
-    df = pd.DataFrame(C.rows_where(res["tables"]["per_image"], set=set_name))
+    rows = C.rows_where(res["tables"]["per_image"], set=set_name)
     labs = {s: distortions.GaussianNoise(float(s)).label for s in levels}
     out: Dict[str, Dict[str, str]] = {}
-    for method in dict.fromkeys(df["method"]):
+    for method in dict.fromkeys(r["method"] for r in rows):
         row = {}
         for s, lab in labs.items():
-            d = df[(df["method"] == method) & (df["distortion"] == lab)]
-            if d.empty:
-                row[f"σ={s:g}"] = ""
-                continue
-            per_seed = d.groupby("seed")["psnr"].mean()
-            v = per_seed if len(per_seed) > 1 else d["psnr"]
-            se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-            row[f"σ={s:g}"] = f"{v.mean():.2f}" + ("" if np.isnan(se) else f" ± {se:.2f}")
+            e = C.pick(seeds=C.seed_means(rows, method=method, distortion=lab),      # as the level claims do
+                       units=[r["psnr"] for r in C.rows_where(rows, method=method, distortion=lab)])
+            row[f"σ={s:g}"] = "" if not e.n else f"{e.mean:.2f}" + ("" if e.se is None else f" ± {e.se:.2f}")
         out[method] = row
     return pd.DataFrame(out).T
 
@@ -1087,9 +1082,10 @@ def study_findings(res: Dict[str, Any], sigma: float = 50.0) -> str:
         best = max(vs_erm, key=lambda v: vs_erm[v].mean)
         line = (f"{name}, σ={sigma:g}: the best paper variant against ERM is {best} at {fmt(vs_erm[best])}; "
                 f"{sum(sign(e) == 'above' for e in vs_erm.values())} of {len(vs_erm)} variants are above ERM, "
-                f"{sum(sign(e) == 'below' for e in vs_erm.values())} below (paper: "
-                f"{min(PAPER_DENOISE[k][50] - PAPER_DENOISE['erm'][50] for k in dil.PAPER_VARIANTS):+.2f} to "
-                f"{max(PAPER_DENOISE[k][50] - PAPER_DENOISE['erm'][50] for k in dil.PAPER_VARIANTS):+.2f} dB at σ=50).")
+                f"{sum(sign(e) == 'below' for e in vs_erm.values())} below")
+        paper = [PAPER_DENOISE[k][sigma] - PAPER_DENOISE["erm"][sigma] for k in dil.PAPER_VARIANTS
+                 if sigma in PAPER_DENOISE[k]]
+        line += f" (paper: {min(paper):+.2f} to {max(paper):+.2f} dB)." if paper else "."
         strat = "ERM stratified" + suffix
         if strat in present:
             vs_s = {v: _difference(rows, v, strat, lab) for v in variants}
