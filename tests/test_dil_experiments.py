@@ -2,6 +2,7 @@
 selection, the profile tables, the claims (through the claims grammar) and the records the notebooks render."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import re
@@ -162,12 +163,16 @@ def test_profiles_equal_the_old_per_name_branches():
                                                       "dil_sf_reference")
     three = ("erm", "dil_sf", "dil_sf_reference")
     for profs in (X.PROFILES_DEBLUR, X.PROFILES_TYPES, X.PROFILES_BACKBONES):
-        q, m = profs["quick"], profs["medium"]
+        q = profs["quick"]
         assert q.strategies == three and (q.budget, q.seeds, q.checkpoints, q.eval_side, q.sweep) == (64, 1, 2, 96, {})
-        assert (m.budget, m.seeds, m.checkpoints, m.eval_side, m.sweep, m.batch_size) == (96, 1, 4, 128, {}, 4)
-    assert X.PROFILES_DEBLUR["medium"].strategies == ("erm", "dil_pf", "dil_sf", "dil_sf_reference")
-    assert X.PROFILES_TYPES["medium"].strategies == three and X.PROFILES_BACKBONES["medium"].strategies == three
-    assert X.PROFILES_TYPES["quick"].n_distortions is None and X.PROFILES_TYPES["medium"].n_distortions is None
+    m = X.PROFILES_BACKBONES["medium"]
+    assert (m.budget, m.seeds, m.checkpoints, m.eval_side, m.sweep, m.batch_size) == (96, 1, 4, 128, {}, 4)
+    # deblur and types at medium: the denoise study's protocol with the first-order variants and every baseline
+    study = ("erm", "erm_oracle", "erm_stratified", "dil_pf", "dil_sf", "dil_sf_reference", "dil_sf_reference_lr")
+    assert X.PROFILES_DEBLUR["medium"] == dataclasses.replace(med, strategies=study)
+    assert X.PROFILES_TYPES["medium"] == dataclasses.replace(med, strategies=study, n_distortions=None)
+    assert X.PROFILES_BACKBONES["medium"].strategies == three
+    assert X.PROFILES_TYPES["quick"].n_distortions is None
     assert X.PROFILES_DEBLUR["quick"].n_distortions == 2 and X.PROFILES_BACKBONES["medium"].n_distortions == 2
     full = X.PROFILES_DENOISE["full"]
     for profs in (X.PROFILES_DEBLUR, X.PROFILES_TYPES):
@@ -512,7 +517,7 @@ def test_study_findings_are_computed_from_the_record(protocol):
     assert "DIL-ss" not in text                              # not in this record
     # a model below its input is named, so the reader knows which claims are inconclusive
     gains = X.gain_over_input(protocol)
-    assert ("Every model beats the noisy input" in text) == bool((gains > 0).all().all())
+    assert ("Every model beats the distorted input" in text) == bool((gains > 0).all().all())
 
 
 def test_a_finished_sweep_candidate_is_not_trained_again(tmp_path, monkeypatch):
@@ -583,3 +588,63 @@ def test_a_unit_written_before_a_new_profile_field_still_loads(tmp_path, monkeyp
     monkeypatch.setattr(X, "train_one", lambda name, *a, **k: (calls.append(name), real(name, *a, **k))[1])
     again = experiments.run("dil-denoise", "quick", seed=0, device="cpu", out_dir=tmp_path / "b", **kw)
     assert calls == [] and again["tables"]["per_image"] == first["tables"]["per_image"]      # loaded, not trained
+
+
+@pytest.fixture(scope="module")
+def deblur_protocol(tmp_path_factory):
+    """dil-deblur under issue 13's protocol: the sweep with the restorer gate, the baselines, both budget arms."""
+    out = tmp_path_factory.mktemp("deblur")
+    return experiments.run("dil-deblur", "quick", seed=0, device="cpu", out_dir=out,
+                           strategies=("erm", "erm_oracle", "erm_stratified", "dil_pf", "dil_sf_reference"),
+                           budgets=("batches", "iterations"), seeds=1, threads=1, val_tiles=4,
+                           sweep={"fraction": 0.5, "arm": "iterations", "alpha": [0.001, 0.01]}, **TINY)
+
+
+def test_deblur_and_types_run_the_protocol(deblur_protocol):
+    """The denoise study's protocol serves deblurring: the sweep runs on the seen blur widths (its gate names
+    them), the oracle trains on the test widths, and every unseen width gets the headroom claim, each method's gain
+    over ERM per arm and each paper variant against the stratified ERM of its own arm."""
+    rec = deblur_protocol
+    sweep = rec["tables"]["sweep"]
+    assert [r["alpha"] for r in sweep["rows"]] == [0.001, 0.01]
+    seen = {d.label for d in distortions.distortion_set("blur-dil").seen}
+    assert set(sweep["input_val"]) >= {f"seen {s}" for s in seen}
+    claims = {c["claim"]: c for c in rec["claims"]}
+    for s in X.PAPER_DEBLUR["dil"]:
+        at = f"at unseen blur σ={s:g}"
+        assert f"ERM oracle beats ERM {at} (headroom, dB)" in claims
+        gain = claims[f"DIL-pf [equal iterations] beats ERM {at} (dB gain)"]
+        assert gain["paper"] == pytest.approx(X.PAPER_DEBLUR["dil"][s] - X.PAPER_DEBLUR["erm"][s], abs=1e-3)
+        assert [p["name"] for p in gain["checks"]] == ["restorer", "restorer", "headroom"]
+        assert f"DIL-pf beats ERM stratified {at} (meta-learning term, dB)" in claims
+        assert f"DIL-sf (released code) [equal iterations] beats ERM {at} (dB gain)" in claims
+    assert X.unseen_labels(rec) == [d.label for d in distortions.distortion_set("blur-dil").unseen]
+    # the report helpers take distortion labels: one column per unseen width, the findings at one of them
+    h = X.headroom_table(rec, None)
+    assert list(h.columns) == X.unseen_labels(rec) and "ERM oracle - ERM (headroom)" in h.index
+    assert list(X.psnr_table(rec, None).columns) == [X.distortions.GaussianBlur(3.8).label, *X.unseen_labels(rec)]
+    text = X.study_findings(rec, X.unseen_labels(rec)[-1])
+    paper = X.PAPER_DEBLUR["dil"][5.0] - X.PAPER_DEBLUR["erm"][5.0]
+    assert f"(paper: {paper:+.2f} dB)" in text and "blur σ=4.2:" in text
+    assert X.verdict_counts(rec).values.sum() == len(rec["claims"])
+
+
+def test_types_claims_speak_of_every_unseen_type(deblur_protocol):
+    """claims_types judges each unseen type with the same protocol claims (the paper's gain on the hybrid only)."""
+    import pandas as pd
+
+    rec = copy.deepcopy(deblur_protocol)
+    unseen = [d.label for d in distortions.distortion_set("types-dil").unseen]
+    # relabel the deblur record's unseen widths as types: the claims read only labels and rows
+    widths = X.unseen_labels(rec)[:len(unseen)]
+    to = dict(zip(widths, unseen))
+    rec["tables"]["per_image"] = [{**r, "distortion": to.get(r["distortion"], r["distortion"])}
+                                  for r in rec["tables"]["per_image"]]
+    rec["config"]["unseen"] = unseen
+    claims = {c.claim: c for c in X.claims_types(rec)}
+    for i, d in enumerate(unseen):
+        assert f"ERM oracle beats ERM on unseen type {d} (headroom, dB)" in claims
+        gain = claims[f"DIL-pf beats ERM on unseen type {d} (dB gain)"]
+        want = X.PAPER_TYPES["dil_sf"] - X.PAPER_TYPES["erm"] if i == len(unseen) - 1 else None
+        assert gain.paper == (pytest.approx(want) if want is not None else None)
+    assert pd.DataFrame(rec["tables"]["per_image"]).distortion.isin(unseen).any()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -227,17 +228,22 @@ PROFILES_DENOISE: Dict[str, DILProfile] = {
     "medium": _DENOISE_STUDY,
     "full": _FULL,
 }
-#: dil-deblur: one seed, no sweep, at most 96 distorted batches below full
+#: the deblur and types studies (data/studies/dil-deblur-medium/, dil-types-medium/): the denoise study's
+#: protocol (DnCNN 32/8, both budget arms, the three baselines, the released sf at both rates, alpha swept on
+#: validation with the restorer gate, 3 seeds) with the first-order paper variants only: the paper reports one
+#: unnamed "DIL" for deblurring and DIL-sf for types, and the second-order ps / ss cost 2-3x a first-order run
+_STUDY_METHODS = ("erm", "erm_oracle", "erm_stratified", "dil_pf", "dil_sf", "dil_sf_reference",
+                  "dil_sf_reference_lr")
+#: dil-deblur: seen blur σ 1-3.8, unseen 4.2-5.0
 PROFILES_DEBLUR: Dict[str, DILProfile] = {
     "quick": replace(_QUICK, strategies=_THREE),
-    "medium": replace(_MEDIUM, strategies=("erm", "dil_pf", "dil_sf", "dil_sf_reference"), seeds=1, sweep={},
-                      budget=96),
+    "medium": replace(_DENOISE_STUDY, strategies=_STUDY_METHODS),
     "full": _FULL,
 }
-#: dil-types: one seed, no sweep, every seen type in each DIL step (n_distortions=None)
+#: dil-types: every seen type (noise, blur, JPEG) in each DIL step (n_distortions=None)
 PROFILES_TYPES: Dict[str, DILProfile] = {
     "quick": replace(_QUICK, strategies=_THREE, n_distortions=None),
-    "medium": replace(_MEDIUM, strategies=_THREE, seeds=1, sweep={}, n_distortions=None, budget=96),
+    "medium": replace(_DENOISE_STUDY, strategies=_STUDY_METHODS, n_distortions=None),
     "full": _FULL,
 }
 #: dil-backbones: RRDB vs the window-attention transformer (its size per profile)
@@ -589,6 +595,16 @@ def _sweep(prof: DILProfile, seen, val_sel, val_curve, seed: int, device: str) -
                          f"{prof.gate_db} dB"}
 
 
+def _swept(prof: DILProfile, seen, val_sel, val_curve, seed: int, device: str) -> Tuple[DILProfile, Dict[str, Any]]:
+    """Run the profile's validation sweep (:func:`_sweep`, nothing without one) and return the profile with the
+    chosen alpha / released meta lr, and the sweep's table (with its wall time)."""
+    ts = time.perf_counter()
+    sweep = _sweep(prof, seen, val_sel, val_curve, seed, device)
+    prof = replace(prof, **{k: v for k, v in sweep["chosen"].items() if k in ("alpha", "ref_meta_lr")})
+    sweep["wall_time_s"] = round(time.perf_counter() - ts, 2)
+    return prof, sweep
+
+
 def _parts(prof: DILProfile, out: Dict[str, Any], extra_config: Dict[str, Any], seed: int,
            sweep: Optional[Dict[str, Any]] = None, curve_key: str = "") -> Tuple[Dict, Dict, Dict]:
     """(config, tables, extra top-level entries) of a record."""
@@ -656,6 +672,41 @@ def _strategies(record: Mapping[str, Any]) -> List[str]:
     return list(record["config"]["profile"]["strategies"])
 
 
+_STRATIFIED_NOTE = ("ours: the stratified ERM is DIL-pf at alpha = 0 (the same data per step without the virtual "
+                    "update)")
+
+
+def _study_claims(rows, strategies: Sequence[str], arms: Sequence[str], where: str, at: str,
+                  paper_gain: Mapping[str, Optional[float]], paper_note: str, tag: str = "") -> List[C.Claim]:
+    """The protocol's claims at one test distortion ``where`` (written ``at``, e.g. "at unseen σ=30"), for one
+    backbone (``tag``): the oracle's headroom over ERM (ours, sign only), then per budget arm every trained method
+    against ERM (``paper_gain[name]``, None = sign only; each needing the headroom where the record has an oracle)
+    and each paper variant against the stratified ERM of its own arm (the meta-learning term, sign only)."""
+    erm, oracle = tag + "ERM", tag + "ERM oracle"
+    if not _has(rows, where, erm, "input"):
+        return []
+    out: List[C.Claim] = []
+    if _has(rows, where, oracle):
+        out.append(_beats(rows, f"{oracle} beats ERM {at} (headroom, dB)", None, oracle, erm, where,
+                          note="ours: the oracle trains on the test conditions; a gain a generalisation method "
+                               "can at most close"))
+    need = _headroom(rows, where, erm, oracle)
+    for arm in arms:
+        for name in strategies:
+            me = tag + LABEL[name] + ARM_SUFFIX[arm]
+            if name in ("erm", "erm_oracle", "erm_stratified") or not _has(rows, where, me):
+                continue
+            note = paper_note + ("; ours: equal distorted batches" if arm == "batches" else "") + (
+                "; ours: the released code vs the paper's DIL-sf" if name.startswith("dil_sf_reference") else "")
+            out.append(_beats(rows, f"{me} beats ERM {at} (dB gain)", paper_gain.get(name), me, erm, where,
+                              note=note, require=need))
+            strat = tag + "ERM stratified" + ARM_SUFFIX[arm]      # the control of the same budget arm
+            if name in dil.PAPER_VARIANTS and _has(rows, where, strat):
+                out.append(_beats(rows, f"{me} beats {strat[len(tag):]} {at} (meta-learning term, dB)", None, me, strat,
+                                  where, require=need, note=_STRATIFIED_NOTE))
+    return out
+
+
 def claims_denoise(record: Mapping[str, Any]) -> List[C.Claim]:
     """ERM's PSNR at unseen σ = 30, 40, 50 (levels, ±1 dB); each DIL strategy's gain over ERM there (the paper's
     gain, within a factor 2) in every budget arm, each needing the oracle's headroom over ERM where the record
@@ -665,104 +716,77 @@ def claims_denoise(record: Mapping[str, Any]) -> List[C.Claim]:
     strategies = _strategies(record)
     lab = {s: distortions.GaussianNoise(float(s)).label for s in (30, 40, 50)}
     out: List[C.Claim] = []
-    if _has(rows, None, "ERM"):
-        for s in (30, 40, 50):
-            if not _has(rows, lab[s], "ERM", "input"):
-                continue
-            out.append(C.level(f"ERM PSNR at unseen σ={s} (paper: CBSD68; ours: embedded test photos)",
-                               PAPER_DENOISE["erm"][s], seeds=C.seed_means(rows, method="ERM", distortion=lab[s]),
-                               units=[r["psnr"] for r in C.rows_where(rows, method="ERM", distortion=lab[s])],
-                               tol=1.0, require=[_restorer(rows, "ERM", lab[s])], source=SOURCE,
-                               note="absolute PSNR depends on the test images: ours are the embedded photos"))
-            if _has(rows, lab[s], "ERM oracle"):
-                out.append(_beats(rows, f"ERM oracle beats ERM at unseen σ={s} (headroom, dB)", None, "ERM oracle",
-                                  "ERM", lab[s], note="ours: the oracle trains on the test levels; a gain a "
-                                                      "generalisation method can at most close"))
-        for arm in _arms(record):
-            for name in strategies:
-                if name in ("erm", "erm_oracle", "erm_stratified"):
-                    continue
-                pkey = "dil_sf" if name.startswith("dil_sf_reference") else name
-                me = LABEL[name] + ARM_SUFFIX[arm]
-                for s in (30, 40, 50):
-                    if not _has(rows, lab[s], me, "ERM", "input"):
-                        continue
-                    note = "paper: CBSD68, RRDB, equal iterations" + (
-                        "; ours: equal distorted batches" if arm == "batches" else "") + (
-                        "; ours: the released code vs the paper's DIL-sf" if name.startswith("dil_sf_reference") else "")
-                    out.append(_beats(rows, f"{me} beats ERM at unseen σ={s} (dB gain)",
-                                      PAPER_DENOISE[pkey][s] - PAPER_DENOISE["erm"][s], me, "ERM", lab[s],
-                                      note=note, require=_headroom(rows, lab[s])))
-                    strat = "ERM stratified" + ARM_SUFFIX[arm]      # the control of the same budget arm
-                    if name in dil.PAPER_VARIANTS and _has(rows, lab[s], strat):
-                        out.append(_beats(rows, f"{me} beats {strat} at unseen σ={s} (meta-learning term, dB)",
-                                          None, me, strat, lab[s], require=_headroom(rows, lab[s]),
-                                          note="ours: the stratified ERM is DIL-pf at alpha = 0 (the same data "
-                                               "per step without the virtual update)"))
-            for fo, so in (("dil_pf", "dil_ps"), ("dil_sf", "dil_ss")):
-                a, b = LABEL[fo] + ARM_SUFFIX[arm], LABEL[so] + ARM_SUFFIX[arm]
-                if fo in strategies and so in strategies and _has(rows, lab[50], a, b, "input"):
-                    out.append(_beats(rows, f"{a} beats {b} at unseen σ=50 (first- > second-order)",
-                                      PAPER_DENOISE[fo][50] - PAPER_DENOISE[so][50], a, b, lab[50],
-                                      note="paper: CBSD68, RRDB"))
+    if not _has(rows, None, "ERM"):
+        return out
+    for s in (30, 40, 50):
+        if not _has(rows, lab[s], "ERM", "input"):
+            continue
+        out.append(C.level(f"ERM PSNR at unseen σ={s} (paper: CBSD68; ours: embedded test photos)",
+                           PAPER_DENOISE["erm"][s], seeds=C.seed_means(rows, method="ERM", distortion=lab[s]),
+                           units=[r["psnr"] for r in C.rows_where(rows, method="ERM", distortion=lab[s])],
+                           tol=1.0, require=[_restorer(rows, "ERM", lab[s])], source=SOURCE,
+                           note="absolute PSNR depends on the test images: ours are the embedded photos"))
+    for s in (30, 40, 50):
+        gains = {n: PAPER_DENOISE["dil_sf" if n.startswith("dil_sf_reference") else n][s] - PAPER_DENOISE["erm"][s]
+                 for n in strategies if n.startswith("dil_")}
+        out += _study_claims(rows, strategies, _arms(record), lab[s], f"at unseen σ={s}", gains,
+                             "paper: CBSD68, RRDB, equal iterations")
+    for arm in _arms(record):
+        for fo, so in (("dil_pf", "dil_ps"), ("dil_sf", "dil_ss")):
+            a, b = LABEL[fo] + ARM_SUFFIX[arm], LABEL[so] + ARM_SUFFIX[arm]
+            if fo in strategies and so in strategies and _has(rows, lab[50], a, b, "input"):
+                out.append(_beats(rows, f"{a} beats {b} at unseen σ=50 (first- > second-order)",
+                                  PAPER_DENOISE[fo][50] - PAPER_DENOISE[so][50], a, b, lab[50],
+                                  note="paper: CBSD68, RRDB"))
     return out
 
 
 def claims_deblur(record: Mapping[str, Any]) -> List[C.Claim]:
-    """Each DIL strategy's gain over ERM at the unseen blur widths σ = 4.2-5.0 (the paper's Set5 gains)."""
+    """At each unseen blur width σ = 4.2-5.0: the oracle's headroom, each DIL strategy's gain over ERM (the paper's
+    Set5 gain of its unnamed "DIL") in every budget arm, each paper variant against the stratified ERM."""
     rows = _test_rows(record)
     out: List[C.Claim] = []
-    if not _has(rows, None, "ERM"):
-        return out
-    for name in _strategies(record):
-        if name == "erm":
-            continue
-        for s in PAPER_DEBLUR["dil"]:
-            if not _has(rows, distortions.GaussianBlur(s).label, LABEL[name], "ERM", "input"):
-                continue
-            out.append(_beats(rows, f"{LABEL[name]} beats ERM at unseen blur σ={s:g} (dB gain)",
-                              PAPER_DEBLUR["dil"][s] - PAPER_DEBLUR["erm"][s], LABEL[name], "ERM",
-                              distortions.GaussianBlur(s).label,
-                              note="paper: Set5, 'DIL' (variant unnamed); ours: embedded test photos"))
+    strategies = _strategies(record)
+    for s in PAPER_DEBLUR["dil"]:
+        gain = PAPER_DEBLUR["dil"][s] - PAPER_DEBLUR["erm"][s]
+        out += _study_claims(rows, strategies, _arms(record), distortions.GaussianBlur(s).label,
+                             f"at unseen blur σ={s:g}", {n: gain for n in strategies if n.startswith("dil_")},
+                             "paper: Set5, 'DIL' (variant unnamed); ours: embedded test photos")
     return out
 
 
 def claims_types(record: Mapping[str, Any]) -> List[C.Claim]:
-    """Each DIL strategy's gain over ERM on every unseen type (sign only) and the hybrid (the paper's RealSR V3
-    gain, +0.29 dB)."""
+    """On every unseen type: the oracle's headroom, each DIL strategy's gain over ERM (sign only; on the hybrid,
+    the paper's RealSR V3 gain of DIL-sf, +0.29 dB) in every budget arm, each paper variant against the stratified
+    ERM."""
     rows = _test_rows(record)
     unseen = list(record["config"]["unseen"])
+    strategies = _strategies(record)
     out: List[C.Claim] = []
-    if not _has(rows, None, "ERM"):
-        return out
-    for name in _strategies(record):
-        if name == "erm":
-            continue
-        for i, d in enumerate(unseen):
-            hybrid = i == len(unseen) - 1
-            if not _has(rows, d, LABEL[name], "ERM", "input"):
-                continue
-            out.append(_beats(rows, f"{LABEL[name]} beats ERM on unseen type {d} (dB gain)",
-                              PAPER_TYPES["dil_sf"] - PAPER_TYPES["erm"] if hybrid else None, LABEL[name], "ERM", d,
-                              note=("paper: RealSR V3 hybrid, DIL-sf +0.29 dB" if hybrid else
-                                    "paper: DIL generalizes to unseen types (no matching column); sign only")))
+    for i, d in enumerate(unseen):
+        hybrid = i == len(unseen) - 1
+        gain = PAPER_TYPES["dil_sf"] - PAPER_TYPES["erm"] if hybrid else None
+        out += _study_claims(rows, strategies, _arms(record), d, f"on unseen type {d}",
+                             {n: gain for n in strategies if n.startswith("dil_")},
+                             "paper: RealSR V3 hybrid, DIL-sf +0.29 dB" if hybrid else
+                             "paper: DIL generalizes to unseen types (no matching column); sign only")
     return out
 
 
 def claims_backbones(record: Mapping[str, Any]) -> List[C.Claim]:
-    """Per backbone, each DIL strategy's gain over ERM at unseen σ=30 (the paper's gain per backbone)."""
+    """Per backbone at unseen σ=30: the oracle's headroom, each DIL strategy's gain over ERM (the paper's gain per
+    backbone) in every budget arm, each paper variant against the stratified ERM."""
     rows = _test_rows(record)
     lab30 = distortions.GaussianNoise(30.0).label
+    strategies = _strategies(record)
     out: List[C.Claim] = []
     for bb in record["config"]["backbones"]:
-        erm = f"{bb}: ERM"
-        for name in _strategies(record):
-            lab = f"{bb}: {LABEL[name]}"
-            if name == "erm" or bb not in PAPER_BACKBONES or not _has(rows, lab30, erm, lab, "input"):
-                continue
-            out.append(_beats(rows, f"{bb}: {LABEL[name]} beats ERM at unseen σ=30 (dB gain)",
-                              PAPER_BACKBONES[bb]["dil"] - PAPER_BACKBONES[bb]["erm"], lab, erm, lab30,
-                              note="paper: CBSD68, 'DIL' per backbone; ours: embedded test photos"))
+        if bb not in PAPER_BACKBONES:
+            continue
+        gain = PAPER_BACKBONES[bb]["dil"] - PAPER_BACKBONES[bb]["erm"]
+        out += _study_claims(rows, strategies, _arms(record), lab30, "at unseen σ=30",
+                             {n: gain for n in strategies if n.startswith("dil_")},
+                             "paper: CBSD68, 'DIL' per backbone; ours: embedded test photos", tag=f"{bb}: ")
     return out
 
 
@@ -777,11 +801,8 @@ def run_denoise(profile: str = "quick", seed: int = 0, device: str = "auto", kee
     tests = {d.label: d for d in (distortions.GaussianNoise(s) for s in (15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0))}
     val_sel = {d.label: d for d in (distortions.GaussianNoise(25.0), distortions.GaussianNoise(35.0))}
     val_curve = {"σ=50": distortions.GaussianNoise(50.0)}
-    ts = time.perf_counter()
     with _threads(prof.threads):
-        sweep = _sweep(prof, dset.seen, val_sel, val_curve, seed, device)
-        prof = replace(prof, **{k: v for k, v in sweep["chosen"].items() if k in ("alpha", "ref_meta_lr")})
-        sweep["wall_time_s"] = round(time.perf_counter() - ts, 2)
+        prof, sweep = _swept(prof, dset.seen, val_sel, val_curve, seed, device)
         out = _run_methods(prof, dset.seen, tests, val_sel, val_curve, seed, device, benchmarks,
                            oracle=list(tests.values()))
     return _finish(DENOISE_NAME, profile, _denoise_parts(prof, out, sweep, seed, list(benchmarks)), claims_denoise,
@@ -846,12 +867,13 @@ def run_deblur(profile: str = "quick", seed: int = 0, device: str = "auto", keep
     val_sel = {distortions.GaussianBlur(4.0).label: distortions.GaussianBlur(4.0)}
     val_curve = {distortions.GaussianBlur(5.0).label: distortions.GaussianBlur(5.0)}
     with _threads(prof.threads):
+        prof, sweep = _swept(prof, dset.seen, val_sel, val_curve, seed, device)
         out = _run_methods(prof, dset.seen, tests, val_sel, val_curve, seed, device, benchmarks,
                            oracle=list(tests.values()))
     parts = _parts(prof, out, {"seen": [d.label for d in dset.seen], "test_levels": list(tests),
                                "val_select": list(val_sel), "val_curve": list(val_curve),
                                "paper": PAPER_DEBLUR, "benchmarks": list(benchmarks)},
-                   seed, curve_key=f"val {next(iter(val_curve))}")
+                   seed, sweep if prof.sweep else None, curve_key=f"val {next(iter(val_curve))}")
     return _finish(DEBLUR_NAME, profile, parts, claims_deblur, device, t0, out["models"] if keep_models else None)
 
 
@@ -867,12 +889,13 @@ def run_types(profile: str = "quick", seed: int = 0, device: str = "auto", keep_
     val_sel = {sel.label: sel}
     val_curve = {dset.unseen[-1].label: dset.unseen[-1]}
     with _threads(prof.threads):
+        prof, sweep = _swept(prof, dset.seen, val_sel, val_curve, seed, device)
         out = _run_methods(prof, dset.seen, tests, val_sel, val_curve, seed, device, benchmarks,
                            oracle=list(tests.values()))
     parts = _parts(prof, out, {"seen": [d.label for d in dset.seen], "unseen": [d.label for d in dset.unseen],
                                "val_select": list(val_sel), "val_curve": list(val_curve),
                                "benchmarks": list(benchmarks)},
-                   seed, curve_key=f"val {next(iter(val_curve))}")
+                   seed, sweep if prof.sweep else None, curve_key=f"val {next(iter(val_curve))}")
     return _finish(TYPES_NAME, profile, parts, claims_types, device, t0, out["models"] if keep_models else None)
 
 
@@ -947,20 +970,36 @@ def _paper_row(key: str, lab: str, mean, std, levels: Sequence[float]) -> Dict[s
     return row
 
 
-def psnr_table(res: Dict[str, Any], levels: Sequence[float] = (15, 20, 30, 40, 50), set_name: str = TEST_SET):
-    """Every method's PSNR (dB) at each noise level as "mean ± SE": over seeds (the per-seed mean over the test
-    photos) with >= 2 seeds, over the photos with one; the noisy input first. The study's closing table."""
+def _columns(levels: Sequence[Any]) -> Dict[str, str]:
+    """Column name -> distortion label of the study tables: a number is a noise σ (dil-denoise, written "σ=30"), a
+    string is a distortion label itself (e.g. "blur σ=4.2")."""
+    return {(lv if isinstance(lv, str) else f"σ={lv:g}"):
+            (lv if isinstance(lv, str) else distortions.GaussianNoise(float(lv)).label) for lv in levels}
+
+
+def unseen_labels(res: Mapping[str, Any]) -> List[str]:
+    """The record's unseen test distortions (labels): its ``unseen`` list, else its test levels minus the seen."""
+    cfg = res["config"]
+    if "unseen" in cfg:
+        return list(cfg["unseen"])
+    return [t for t in cfg.get("test_levels", []) if t not in set(cfg.get("seen", []))]
+
+
+def psnr_table(res: Dict[str, Any], levels: Optional[Sequence[Any]] = (15, 20, 30, 40, 50), set_name: str = TEST_SET):
+    """Every method's PSNR (dB) at each test distortion as "mean ± SE": over seeds (the per-seed mean over the test
+    photos) with >= 2 seeds, over the photos with one; the distorted input first. The study's closing table.
+    ``levels``: noise σ's or distortion labels (:func:`_columns`); None = every test distortion of the record."""
     import pandas as pd
 
     rows = C.rows_where(res["tables"]["per_image"], set=set_name)
-    labs = {s: distortions.GaussianNoise(float(s)).label for s in levels}
+    labs = _columns(levels if levels is not None else list(dict.fromkeys(r["distortion"] for r in rows)))
     out: Dict[str, Dict[str, str]] = {}
     for method in dict.fromkeys(r["method"] for r in rows):
         row = {}
-        for s, lab in labs.items():
+        for col, lab in labs.items():
             e = C.pick(seeds=C.seed_means(rows, method=method, distortion=lab),      # as the level claims do
                        units=[r["psnr"] for r in C.rows_where(rows, method=method, distortion=lab)])
-            row[f"σ={s:g}"] = "" if not e.n else f"{e.mean:.2f}" + ("" if e.se is None else f" ± {e.se:.2f}")
+            row[col] = "" if not e.n else f"{e.mean:.2f}" + ("" if e.se is None else f" ± {e.se:.2f}")
         out[method] = row
     return pd.DataFrame(out).T
 
@@ -980,22 +1019,23 @@ def _difference(rows, a: str, b: str, where: str) -> C.Estimate:
     return C.pick(seeds=C.seed_diffs(rows, A, B), units=C.paired_diffs(rows, A, B))
 
 
-def headroom_table(res: Dict[str, Any], levels: Sequence[float] = (30, 40, 50)):
+def headroom_table(res: Dict[str, Any], levels: Optional[Sequence[Any]] = (30, 40, 50)):
     """The study in one table (dB, test photos, mean ± SE over seeds): the oracle's headroom over ERM at each
-    unseen σ, then every other method against ERM and, for the paper variants, against the stratified ERM of the
-    same arm (the meta-learning term beyond the extra data per step)."""
+    unseen distortion (``levels``: noise σ's or labels; None = the record's unseen ones), then every other method
+    against ERM and, for the paper variants, against the stratified ERM of the same arm (the meta-learning term
+    beyond the extra data per step)."""
     import pandas as pd
 
     rows = _test_rows(res)
     present = list(dict.fromkeys(r["method"] for r in rows))
-    labs = {s: distortions.GaussianNoise(float(s)).label for s in levels}
+    labs = _columns(levels if levels is not None else unseen_labels(res))
     out = []
 
     def add(name: str, a: str, b: str) -> None:
         row: Dict[str, Any] = {"comparison": name}
-        for s in levels:
-            e = _difference(rows, a, b, labs[s])
-            row[f"σ={s:g}"] = f"{e.mean:+.2f} ± {e.se:.2f}" if e.se is not None else (f"{e.mean:+.2f}" if e.n else "")
+        for col, lab in labs.items():
+            e = _difference(rows, a, b, lab)
+            row[col] = f"{e.mean:+.2f} ± {e.se:.2f}" if e.se is not None else (f"{e.mean:+.2f}" if e.n else "")
         out.append(row)
 
     if "ERM oracle" in present and "ERM" in present:
@@ -1041,14 +1081,32 @@ def study_summary(res: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def study_findings(res: Dict[str, Any], sigma: float = 50.0) -> str:
-    """What a dil-denoise record found, as markdown bullets computed from it (nothing typed in): whether every
-    model restores, the oracle's headroom per unseen level, per budget arm the DIL variants against ERM and against
-    the stratified ERM at ``sigma`` (mean ± SE and 95% interval, as the claims estimate them), the released sf at
-    its released and at ERM's learning rates, and the verdict counts."""
+def _paper_gains(res: Mapping[str, Any], where: str) -> List[float]:
+    """The paper's gains (dB) of its DIL variants over ERM at test distortion ``where`` (a label) in the record's
+    experiment; empty where the paper has no matching column."""
+    exp = res.get("experiment")
+    if exp == DENOISE_NAME:
+        s = next((s for s in PAPER_DENOISE["erm"] if distortions.GaussianNoise(float(s)).label == where), None)
+        return [] if s is None else [PAPER_DENOISE[k][s] - PAPER_DENOISE["erm"][s] for k in dil.PAPER_VARIANTS]
+    if exp == DEBLUR_NAME:
+        return [PAPER_DEBLUR["dil"][s] - PAPER_DEBLUR["erm"][s] for s in PAPER_DEBLUR["dil"]
+                if distortions.GaussianBlur(s).label == where]
+    if exp == TYPES_NAME and unseen_labels(res)[-1:] == [where]:
+        return [PAPER_TYPES["dil_sf"] - PAPER_TYPES["erm"]]
+    return []
+
+
+def study_findings(res: Dict[str, Any], sigma: Any = 50.0, headroom_at: Optional[Sequence[Any]] = None) -> str:
+    """What a DIL study record found, as markdown bullets computed from it (nothing typed in): whether every
+    model restores, the oracle's headroom at each unseen distortion (``headroom_at``: noise σ's or labels; None =
+    σ 30/40/50 for dil-denoise, else the record's unseen ones), per budget arm the DIL variants against ERM and
+    against the stratified ERM at ``sigma`` (a noise σ or a label; mean ± SE and 95% interval, as the claims
+    estimate them), the released sf at its released and at ERM's learning rates, and the verdict counts."""
     rows = _test_rows(res)
     present = list(dict.fromkeys(r["method"] for r in rows))
-    lab = distortions.GaussianNoise(float(sigma)).label
+    (at, lab), = _columns([sigma]).items()
+    if headroom_at is None:
+        headroom_at = (30, 40, 50) if res.get("experiment") == DENOISE_NAME else unseen_labels(res)
 
     def fmt(e: C.Estimate) -> str:
         if e.se is None:
@@ -1063,14 +1121,14 @@ def study_findings(res: Dict[str, Any], sigma: float = 50.0) -> str:
     out = []
     gains = gain_over_input(res, TEST_SET)
     bad = [(m, c) for m in gains.index for c in gains.columns if gains.loc[m, c] <= 0]
-    out.append("Every model beats the noisy input at every test level." if not bad else
-               "Below the noisy input (claims there are inconclusive): "
+    out.append("Every model beats the distorted input at every test distortion." if not bad else
+               "Below the distorted input (claims there are inconclusive): "
                + "; ".join(f"{m} at {c}" for m, c in bad) + ".")
     if "ERM oracle" in present and "ERM" in present:
         parts = []
-        for s in (30, 40, 50):
-            e = _difference(rows, "ERM oracle", "ERM", distortions.GaussianNoise(float(s)).label)
-            parts.append(f"σ={s}: {fmt(e)}, {sign(e)} zero")
+        for col, where in _columns(headroom_at).items():
+            e = _difference(rows, "ERM oracle", "ERM", where)
+            parts.append(f"{col}: {fmt(e)}, {sign(e)} zero")
         out.append("Headroom (the oracle minus ERM): " + "; ".join(parts) + ".")
     for arm in BUDGETS:
         suffix = "" if arm == "batches" else ARM_SUFFIX["iterations"]
@@ -1080,12 +1138,12 @@ def study_findings(res: Dict[str, Any], sigma: float = 50.0) -> str:
             continue
         vs_erm = {v: _difference(rows, v, "ERM", lab) for v in variants}
         best = max(vs_erm, key=lambda v: vs_erm[v].mean)
-        line = (f"{name}, σ={sigma:g}: the best paper variant against ERM is {best} at {fmt(vs_erm[best])}; "
+        line = (f"{name}, {at}: the best paper variant against ERM is {best} at {fmt(vs_erm[best])}; "
                 f"{sum(sign(e) == 'above' for e in vs_erm.values())} of {len(vs_erm)} variants are above ERM, "
                 f"{sum(sign(e) == 'below' for e in vs_erm.values())} below")
-        paper = [PAPER_DENOISE[k][sigma] - PAPER_DENOISE["erm"][sigma] for k in dil.PAPER_VARIANTS
-                 if sigma in PAPER_DENOISE[k]]
-        line += f" (paper: {min(paper):+.2f} to {max(paper):+.2f} dB)." if paper else "."
+        paper = _paper_gains(res, lab)
+        line += "." if not paper else (f" (paper: {paper[0]:+.2f} dB)." if len(set(paper)) == 1 else
+                                       f" (paper: {min(paper):+.2f} to {max(paper):+.2f} dB).")
         strat = "ERM stratified" + suffix
         if strat in present:
             vs_s = {v: _difference(rows, v, strat, lab) for v in variants}
@@ -1094,7 +1152,7 @@ def study_findings(res: Dict[str, Any], sigma: float = 50.0) -> str:
         out.append(line)
         refs = [r + suffix for r in (LABEL["dil_sf_reference"], LABEL["dil_sf_reference_lr"]) if r + suffix in present]
         if refs:
-            out.append(f"{name}, the released sf against ERM at σ={sigma:g}: "
+            out.append(f"{name}, the released sf against ERM at {at}: "
                        + "; ".join(f"{r.replace(suffix, '')} {fmt(_difference(rows, r, 'ERM', lab))}" for r in refs)
                        + ".")
     counts = {v: sum(c["verdict"] == v for c in res.get("claims", [])) for v in C.VERDICTS}
@@ -1110,7 +1168,7 @@ def verdict_counts(res: Dict[str, Any]):
     dil_labels = sorted((v for v in LABEL.values() if v.startswith("DIL-")), key=len, reverse=True)
     rows = []
     for c in res.get("claims", []):
-        kind = c["claim"].split(" at unseen")[0]
+        kind = re.split(" (?:at|on) unseen", c["claim"])[0]
         arm = "iterations" if ARM_SUFFIX["iterations"] in kind else "batches / both"
         kind = kind.replace(ARM_SUFFIX["iterations"], "")
         for lab in dil_labels:
