@@ -33,3 +33,8 @@ def cache_dir() -> Path:
 def models_dir() -> Path:
     """Committed weights of trained models that notebooks load (``<repo>/data/models``)."""
     return repo_root() / "data" / "models"
+
+
+def studies_dir() -> Path:
+    """Committed resumable studies: each finished unit's results and weights (``<repo>/data/studies``)."""
+    return repo_root() / "data" / "studies"

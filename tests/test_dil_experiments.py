@@ -648,3 +648,27 @@ def test_types_claims_speak_of_every_unseen_type(deblur_protocol):
         want = X.PAPER_TYPES["dil_sf"] - X.PAPER_TYPES["erm"] if i == len(unseen) - 1 else None
         assert gain.paper == (pytest.approx(want) if want is not None else None)
     assert pd.DataFrame(rec["tables"]["per_image"]).distortion.isin(unseen).any()
+
+
+def test_committed_study_rebuilds_a_record_from_units_without_training(tmp_path, monkeypatch):
+    """Notebook 03 shows a study under way from its committed units: the record is rebuilt from them (no
+    training), and a study with a missing unit gives None instead of training it."""
+    from causalir import paths
+
+    monkeypatch.setattr(paths, "studies_dir", lambda: tmp_path)
+    tiny = dict(TINY, val_tiles=4, model_cfg={"nf": 8, "depth": 3})
+    first = experiments.run("dil-types", "medium", seed=0, device="cpu", out_dir=tmp_path / "out", sweep={},
+                            strategies=("erm", "erm_oracle"), budgets=("batches",), seeds=1,
+                            run_root=str(tmp_path / "dil-types-medium"), **tiny)
+
+    def no_training(*a, **k):
+        raise AssertionError("committed_study must not train")
+
+    monkeypatch.setattr(X, "train_one", no_training)
+    again = X.committed_study("dil-types", ["erm", "erm_oracle"], **tiny)
+    assert again["tables"]["per_image"] == first["tables"]["per_image"]
+    assert again["tables"]["budgets"] == first["tables"]["budgets"]
+    assert X.committed_study("dil-types", ["erm", "erm_stratified"], **tiny) is None
+    assert X.committed_study("dil-types", ["erm"], seeds=2, **tiny) is None
+    with pytest.raises(ValueError, match="another profile"):
+        X.committed_study("dil-types", ["erm"], **{**tiny, "lr": 3e-4})

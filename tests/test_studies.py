@@ -10,32 +10,46 @@ import pytest
 from causalir.experiments import dil as X
 from causalir.experiments.profiles import select
 
-ROOT = Path(__file__).resolve().parents[1] / "data" / "studies" / "dil-denoise-medium"
+STUDIES = Path(__file__).resolve().parents[1] / "data" / "studies"
+#: study folder -> the profile table whose medium profile resumes it
+PROFILES = {"dil-denoise-medium": X.PROFILES_DENOISE, "dil-deblur-medium": X.PROFILES_DEBLUR,
+            "dil-types-medium": X.PROFILES_TYPES}
+ROOTS = sorted(p for p in STUDIES.iterdir() if p.is_dir()) if STUDIES.is_dir() else []
 
 
-def _units():
-    return sorted(ROOT.glob("seed-*/*/*/done.json"))
+def _units(root: Path):
+    return sorted(root.glob("seed-*/*/*/done.json"))
 
 
-@pytest.mark.skipif(not ROOT.is_dir(), reason="no committed dil-denoise study")
-def test_every_committed_dil_unit_matches_the_medium_profile():
+def test_every_study_folder_is_known_and_has_its_command():
+    for root in ROOTS:
+        assert root.name in PROFILES, f"{root.name}: a study folder without a profile table in this test"
+        command = (root / "COMMAND.sh").read_text()
+        assert f'/dil-study.sh" {root.name.removesuffix("-medium")} "$@"' in command, root
+
+
+@pytest.mark.parametrize("root", ROOTS, ids=[r.name for r in ROOTS])
+def test_every_committed_dil_unit_matches_the_medium_profile(root):
     """Each unit's key equals the one the code's medium profile gives that method (at the alpha the committed
-    sweep chose), so `causalir reproduce dil-denoise --profile medium --set run_root=...` resumes it."""
-    rows = [json.loads(p.read_text())["row"] for p in sorted(ROOT.glob("sweep-seed-0/*/row.json"))]
-    assert rows, "the committed study has no sweep rows"
-    ok = [r for r in rows if r["gate_margin_db"] > X.PROFILES_DENOISE["medium"].gate_db]
-    alpha = max(ok, key=lambda r: (r["val_select"], r["alpha"]))["alpha"] if ok else X.PROFILES_DENOISE["medium"].alpha
-    prof = select(X.PROFILES_DENOISE, "medium", {"alpha": alpha})
-    units = _units()
-    assert units
+    sweep chose, or the profile's own before the sweep has run), so `COMMAND.sh SEED` resumes it."""
+    table = PROFILES[root.name]
+    med = table["medium"]
+    rows = [json.loads(p.read_text())["row"] for p in sorted(root.glob("sweep-seed-0/*/row.json"))]
+    ok = [r for r in rows if r["gate_margin_db"] > med.gate_db]
+    done = len(rows) == len(med.sweep.get("alpha", []))
+    alpha = max(ok, key=lambda r: (r["val_select"], r["alpha"]))["alpha"] if ok else med.alpha
+    prof = select(table, "medium", {"alpha": alpha})
+    units = _units(root)
     first = prof.strategies[0]
     for p in units:
         method = p.parent.name
+        if method in X.dil.PAPER_VARIANTS and not done:
+            pytest.fail(f"{p}: a paper variant trained before the sweep finished")
         key = json.loads(p.read_text())["key"]
         assert X._same_key(key, X._done_key(prof, method == first, method)), p
 
 
-@pytest.mark.skipif(not ROOT.is_dir(), reason="no committed dil-denoise study")
-def test_committed_units_carry_their_weights():
-    for p in _units():
+@pytest.mark.parametrize("root", ROOTS, ids=[r.name for r in ROOTS])
+def test_committed_units_carry_their_weights(root):
+    for p in _units(root):
         assert (p.parent / "selected.safetensors").is_file(), p.parent

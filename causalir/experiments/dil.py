@@ -482,6 +482,36 @@ def _equal_wall(curves: Dict[str, List[List[Dict[str, Any]]]], key: str) -> Dict
     return out
 
 
+def _unit_dir(root: Path, seed: int, tag: str, single: bool, arm: str, name: str) -> Path:
+    """A method's folder in a resumable study: ``seed-S/[backbone/]both|batches|iterations/<method>``."""
+    return root / f"seed-{seed}" / tag.strip(": ") / ("both" if single else arm) / name
+
+
+def committed_study(name: str, strategies: Sequence[str], seeds: int = 1, budgets: Sequence[str] = ("batches",),
+                    **overrides: Any) -> Optional[Dict[str, Any]]:
+    """The record of a committed study's finished units (``data/studies/<name>-medium/``, issue 13's protocol),
+    rebuilt from them without training: the medium profile with these ``strategies``, ``seeds`` and ``budgets``
+    (and ``overrides``, e.g. the alpha its sweep chose). None when a unit is not committed yet; a unit of another
+    profile raises (:func:`_load_done`). What notebook 03 shows of a study still under way."""
+    from .. import experiments
+    from ..paths import studies_dir
+
+    exp = experiments.get(name)
+    root = studies_dir() / f"{name}-medium"
+    prof = select(exp.profiles, "medium", {**overrides, "strategies": tuple(strategies), "seeds": seeds,
+                                           "budgets": tuple(budgets), "sweep": {}, "run_root": str(root)})
+    n_seen = len({DEBLUR_NAME: distortions.distortion_set("blur-dil"), TYPES_NAME: distortions.distortion_set(
+        "types-dil")}.get(name, distortions.distortion_set("noise-dil")).seen)
+    for s in range(seeds):
+        for arm in prof.budgets:
+            for m in prof.strategies:
+                single = prof.steps(m, n_seen, "batches") == prof.steps(m, n_seen, "iterations")
+                if not (_unit_dir(root, s, "", single, arm, m) / "done.json").is_file():
+                    return None
+    return exp.run("medium", seed=0, device="cpu", **{k: v for k, v in asdict(prof).items()
+                                                      if v != asdict(exp.profiles["medium"])[k]})
+
+
 def _run_methods(prof: DILProfile, seen, tests: Dict[str, distortions.Distortion], val_sel, val_curve, seed: int,
                  device: str, benchmarks: Sequence[str], strategy_kwargs: Optional[Dict[str, Dict[str, Any]]] = None,
                  model_name: Optional[str] = None, model_cfg: Optional[Dict[str, Any]] = None,
@@ -505,8 +535,7 @@ def _run_methods(prof: DILProfile, seen, tests: Dict[str, distortions.Distortion
                 if name == "erm_oracle" and not oracle:
                     raise ValueError("the oracle baseline needs the test conditions to train on (oracle=...)")
                 label = tag + LABEL[name] + ("" if single else ARM_SUFFIX[arm])
-                unit = None if not prof.run_root else (Path(prof.run_root) / f"seed-{s}" / tag.strip(": ")
-                                                       / ("both" if single else arm) / name)
+                unit = None if not prof.run_root else _unit_dir(Path(prof.run_root), s, tag, single, arm, name)
                 done = _load_done(unit, prof, name, first, model_name, model_cfg)
                 if done is None:
                     kw = (strategy_kwargs or {}).get(name)

@@ -42,8 +42,6 @@ CARD_SIDE = 128
 #: a run must be shipped or listed here, never both)
 NOT_SHIPPED: Dict[str, str] = {
     "backdoor-toy-medium": "a simulation: its models are small fitted tables recomputed in seconds",
-    "erm-denoise-medium": "to be re-trained with its models kept (the committed run did not save them)",
-    "dni-denoise-medium": "to be re-trained with its models kept (the committed run did not save them)",
     "dil-deblur-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
     "dil-types-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
     "dil-backbones-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
