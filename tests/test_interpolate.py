@@ -109,16 +109,19 @@ def test_dni_profiles_are_validated_and_selected():
 
 
 def test_dni_claims_rejudge_the_committed_record():
-    """The committed record predates the per-image table: the claims are judged over its seeds, without
-    restorer checks, and say so."""
+    """The committed record (re-run with its models shipped) carries the per-image table: the claims are judged
+    over its seeds with the restorer checks, and rejudging it gives the committed claims."""
     from causalir import experiments
     from causalir.experiments import claims as C
 
     rec = experiments.load_results("dni-denoise", "medium")
     if rec is None:
         pytest.skip("no committed dni-denoise medium record")
+    assert "per_image" in rec["tables"] and len(rec["config"]["seeds"]) >= 2
     assert len(rec["claims"]) == 3 and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
-    assert all(c["over"] == "seeds" and "no per-image table" in c["note"] for c in rec["claims"])
+    assert all(c["over"] == "seeds" and c["checks"] and all(k["name"] == "restorer" for k in c["checks"])
+               for c in rec["claims"])
+    assert experiments.rejudge(rec)["claims"] == rec["claims"]
 
 
 def test_dni_experiment_runs_tiny_with_a_per_image_table(tmp_path):

@@ -53,3 +53,20 @@ def test_every_committed_dil_unit_matches_the_medium_profile(root):
 def test_committed_units_carry_their_weights(root):
     for p in _units(root):
         assert (p.parent / "selected.safetensors").is_file(), p.parent
+
+
+#: side arms of a study (e.g. ``alpha-0.01``: the paper variants rerun at a fixed alpha beside the study's choice)
+SIDES = sorted(p for r in ROOTS for p in r.glob("alpha-*") if p.is_dir())
+
+
+@pytest.mark.parametrize("side", SIDES, ids=[f"{s.parent.name}/{s.name}" for s in SIDES])
+def test_side_arm_units_match_the_medium_profile_at_their_alpha(side):
+    """A side arm's units are the medium profile's at the alpha its folder names, each with its weights, so
+    `dil.committed_study(..., sub=...)` rebuilds its record without training."""
+    prof = select(PROFILES[side.parent.name], "medium", {"alpha": float(side.name.split("-", 1)[1])})
+    units = _units(side)
+    assert units, f"{side}: an empty side arm"
+    for p in units:
+        method = p.parent.name
+        assert X._same_key(json.loads(p.read_text())["key"], X._done_key(prof, method == prof.strategies[0], method)), p
+        assert (p.parent / "selected.safetensors").is_file(), p.parent

@@ -488,16 +488,17 @@ def _unit_dir(root: Path, seed: int, tag: str, single: bool, arm: str, name: str
 
 
 def committed_study(name: str, strategies: Sequence[str], seeds: int = 1, budgets: Sequence[str] = ("batches",),
-                    **overrides: Any) -> Optional[Dict[str, Any]]:
-    """The record of a committed study's finished units (``data/studies/<name>-medium/``, issue 13's protocol),
-    rebuilt from them without training: the medium profile with these ``strategies``, ``seeds`` and ``budgets``
-    (and ``overrides``, e.g. the alpha its sweep chose). None when a unit is not committed yet; a unit of another
-    profile raises (:func:`_load_done`). What notebook 03 shows of a study still under way."""
+                    sub: str = "", **overrides: Any) -> Optional[Dict[str, Any]]:
+    """The record of a committed study's finished units (``data/studies/<name>-medium/``, issue 13's protocol;
+    ``sub``: a side arm in a subfolder of it, e.g. ``alpha-0.01``), rebuilt from them without training: the medium
+    profile with these ``strategies``, ``seeds`` and ``budgets`` (and ``overrides``, e.g. the alpha its sweep
+    chose). None when a unit is not committed yet; a unit of another profile raises (:func:`_load_done`). What
+    notebooks 02 and 03 show of a side arm or a study still under way."""
     from .. import experiments
     from ..paths import studies_dir
 
     exp = experiments.get(name)
-    root = studies_dir() / f"{name}-medium"
+    root = studies_dir() / f"{name}-medium" / sub
     prof = select(exp.profiles, "medium", {**overrides, "strategies": tuple(strategies), "seeds": seeds,
                                            "budgets": tuple(budgets), "sweep": {}, "run_root": str(root)})
     n_seen = len({DEBLUR_NAME: distortions.distortion_set("blur-dil"), TYPES_NAME: distortions.distortion_set(
