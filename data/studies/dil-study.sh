@@ -24,9 +24,10 @@ case "$which" in
     exec .venv/bin/causalir reproduce "$exp" --profile medium --seed 0 "$@" --set run_root=$ROOT seeds="$n" ;;
   verify)
     seed=$1 method=$2 arm=${3:-both}
+    budget=$arm; [ "$budget" = both ] && budget=batches   # train only the unit's own arm
     rm -rf runs/verify
     .venv/bin/causalir reproduce "$exp" --profile medium --seed "$seed" --no-claims \
-      --set run_root=runs/verify seeds=1 'sweep={}' "strategies=[\"$method\"]" "${@:4}" >/dev/null
+      --set run_root=runs/verify seeds=1 'sweep={}' "strategies=[\"$method\"]" "budgets=[\"$budget\"]" "${@:4}" >/dev/null
     exec .venv/bin/python - "$ROOT/seed-$seed/$arm/$method" "runs/verify/seed-$seed/$arm/$method" <<'PY'
 import json, sys
 import torch
