@@ -487,6 +487,21 @@ def _unit_dir(root: Path, seed: int, tag: str, single: bool, arm: str, name: str
     return root / f"seed-{seed}" / tag.strip(": ") / ("both" if single else arm) / name
 
 
+def _units(prof: DILProfile, n_seen: int, seed: int):
+    """The units of a study in training order: (seed, arm, method, single) for every seed from ``seed``, budget
+    arm and method; a method with the same steps in both arms (``single``: ERM, the oracle) only in the first."""
+    for s in range(seed, seed + prof.seeds):
+        for arm in prof.budgets:
+            for name in prof.strategies:
+                single = prof.steps(name, n_seen, "batches") == prof.steps(name, n_seen, "iterations")
+                if arm == prof.budgets[0] or not single:
+                    yield s, arm, name, single
+
+
+#: the distortion split each experiment trains on (its seen distortions set the DIL variants' steps per arm)
+SPLIT = {DENOISE_NAME: "noise-dil", DEBLUR_NAME: "blur-dil", TYPES_NAME: "types-dil", BACKBONES_NAME: "noise-dil"}
+
+
 def committed_study(name: str, strategies: Sequence[str], seeds: int = 1, budgets: Sequence[str] = ("batches",),
                     sub: str = "", **overrides: Any) -> Optional[Dict[str, Any]]:
     """The record of a committed study's finished units (``data/studies/<name>-medium/``, issue 13's protocol;
@@ -499,18 +514,14 @@ def committed_study(name: str, strategies: Sequence[str], seeds: int = 1, budget
 
     exp = experiments.get(name)
     root = studies_dir() / f"{name}-medium" / sub
-    prof = select(exp.profiles, "medium", {**overrides, "strategies": tuple(strategies), "seeds": seeds,
-                                           "budgets": tuple(budgets), "sweep": {}, "run_root": str(root)})
-    n_seen = len({DEBLUR_NAME: distortions.distortion_set("blur-dil"), TYPES_NAME: distortions.distortion_set(
-        "types-dil")}.get(name, distortions.distortion_set("noise-dil")).seen)
-    for s in range(seeds):
-        for arm in prof.budgets:
-            for m in prof.strategies:
-                single = prof.steps(m, n_seen, "batches") == prof.steps(m, n_seen, "iterations")
-                if not (_unit_dir(root, s, "", single, arm, m) / "done.json").is_file():
-                    return None
-    return exp.run("medium", seed=0, device="cpu", **{k: v for k, v in asdict(prof).items()
-                                                      if v != asdict(exp.profiles["medium"])[k]})
+    overrides = {**overrides, "strategies": tuple(strategies), "seeds": seeds, "budgets": tuple(budgets),
+                 "sweep": {}, "run_root": str(root)}
+    prof = select(exp.profiles, "medium", overrides)
+    n_seen = len(distortions.distortion_set(SPLIT[name]).seen)
+    if not all((_unit_dir(root, s, "", single, arm, m) / "done.json").is_file()
+               for s, arm, m, single in _units(prof, n_seen, 0)):
+        return None
+    return exp.run("medium", seed=0, device="cpu", **overrides)
 
 
 def _run_methods(prof: DILProfile, seen, tests: Dict[str, distortions.Distortion], val_sel, val_curve, seed: int,
@@ -526,43 +537,37 @@ def _run_methods(prof: DILProfile, seen, tests: Dict[str, distortions.Distortion
 
     sets = _test_sets(prof.eval_side, benchmarks)
     frames, curves, budgets, kept = [], {}, {}, {}
-    first = True
-    for s in range(seed, seed + prof.seeds):
-        for arm in prof.budgets:
-            for name in prof.strategies:
-                single = prof.steps(name, len(seen), "batches") == prof.steps(name, len(seen), "iterations")
-                if arm != prof.budgets[0] and single:
-                    continue  # same steps in every arm
-                if name == "erm_oracle" and not oracle:
-                    raise ValueError("the oracle baseline needs the test conditions to train on (oracle=...)")
-                label = tag + LABEL[name] + ("" if single else ARM_SUFFIX[arm])
-                unit = None if not prof.run_root else _unit_dir(Path(prof.run_root), s, tag, single, arm, name)
-                done = _load_done(unit, prof, name, first, model_name, model_cfg)
-                if done is None:
-                    kw = (strategy_kwargs or {}).get(name)
-                    tr = train_one(name, prof, seen, s, device, val_sel, val_curve, kw, model_name=model_name,
-                                   model_cfg=model_cfg, arm=arm, train_on=oracle if name == "erm_oracle" else None,
-                                   run_dir=unit)
-                    row = {"seed": s, "arm": "both" if single else arm, **tr.counters,
-                           "wall_time_s": round(tr.wall_time, 2), "selected_step": tr.selected_step,
-                           "strategy": tr.strategy}
-                    if name in dil.PAPER_VARIANTS:
-                        row["theta_phi"] = theta_phi(tr.model, prof, seen, tr.strategy["alpha"], s)
-                    parts = []
-                    for set_name, (imgs, names_) in sets.items():
-                        df = evaluate.evaluate({label: tr.model}, imgs, tests, seed=1000 + s, device=device,
-                                               image_names=names_, include_input=first)
-                        df["seed"], df["set"] = s, set_name
-                        parts.append(df)
-                    done = {"model": tr.model, "curve": tr.curve, "row": row, "frame": pd.concat(parts)}
-                    _save_done(unit, prof, name, done, first)
-                if s == seed:   # the first seed's models: what --ship writes to seed-<seed>/
-                    kept[label] = done["model"]
-                curves.setdefault(label, []).append(done["curve"])
-                budgets.setdefault(label, []).append(done["row"])
-                frames.append(done["frame"])
-                first = False
-        first = True
+    prev = None
+    for s, arm, name, single in _units(prof, len(seen), seed):
+        first, prev = s != prev, s          # the seed's first unit also scores the distorted input
+        if name == "erm_oracle" and not oracle:
+            raise ValueError("the oracle baseline needs the test conditions to train on (oracle=...)")
+        label = tag + LABEL[name] + ("" if single else ARM_SUFFIX[arm])
+        unit = None if not prof.run_root else _unit_dir(Path(prof.run_root), s, tag, single, arm, name)
+        done = _load_done(unit, prof, name, first, model_name, model_cfg)
+        if done is None:
+            kw = (strategy_kwargs or {}).get(name)
+            tr = train_one(name, prof, seen, s, device, val_sel, val_curve, kw, model_name=model_name,
+                           model_cfg=model_cfg, arm=arm, train_on=oracle if name == "erm_oracle" else None,
+                           run_dir=unit)
+            row = {"seed": s, "arm": "both" if single else arm, **tr.counters,
+                   "wall_time_s": round(tr.wall_time, 2), "selected_step": tr.selected_step,
+                   "strategy": tr.strategy}
+            if name in dil.PAPER_VARIANTS:
+                row["theta_phi"] = theta_phi(tr.model, prof, seen, tr.strategy["alpha"], s)
+            parts = []
+            for set_name, (imgs, names_) in sets.items():
+                df = evaluate.evaluate({label: tr.model}, imgs, tests, seed=1000 + s, device=device,
+                                       image_names=names_, include_input=first)
+                df["seed"], df["set"] = s, set_name
+                parts.append(df)
+            done = {"model": tr.model, "curve": tr.curve, "row": row, "frame": pd.concat(parts)}
+            _save_done(unit, prof, name, done, first)
+        if s == seed:   # the first seed's models: what --ship writes to seed-<seed>/
+            kept[label] = done["model"]
+        curves.setdefault(label, []).append(done["curve"])
+        budgets.setdefault(label, []).append(done["row"])
+        frames.append(done["frame"])
     full = pd.concat(frames, ignore_index=True)
     return {"df": full, "curves": curves, "budgets": budgets, "models": kept}
 
@@ -827,7 +832,7 @@ def run_denoise(profile: str = "quick", seed: int = 0, device: str = "auto", kee
     With a ``sweep`` in the profile, alpha and the released sf's meta lr are first chosen on validation."""
     t0 = time.perf_counter()
     prof = select(PROFILES_DENOISE, profile, overrides)
-    dset = distortions.distortion_set("noise-dil")
+    dset = distortions.distortion_set(SPLIT[DENOISE_NAME])
     tests = {d.label: d for d in (distortions.GaussianNoise(s) for s in (15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0))}
     val_sel = {d.label: d for d in (distortions.GaussianNoise(25.0), distortions.GaussianNoise(35.0))}
     val_curve = {"σ=50": distortions.GaussianNoise(50.0)}
@@ -842,7 +847,7 @@ def run_denoise(profile: str = "quick", seed: int = 0, device: str = "auto", kee
 def _denoise_parts(prof: DILProfile, out: Dict[str, Any], sweep: Dict[str, Any], seed: int,
                    benchmarks: List[str]) -> Tuple[Dict, Dict, Dict]:
     tests = list(dict.fromkeys(out["df"]["distortion"]))
-    return _parts(prof, out, {"seen": [d.label for d in distortions.distortion_set("noise-dil").seen],
+    return _parts(prof, out, {"seen": [d.label for d in distortions.distortion_set(SPLIT[DENOISE_NAME]).seen],
                               "test_levels": tests, "val_select": [distortions.GaussianNoise(25.0).label,
                                                                    distortions.GaussianNoise(35.0).label],
                               "val_curve": ["σ=50"], "test_images": data.embedded_names("test"),
@@ -892,7 +897,7 @@ def run_deblur(profile: str = "quick", seed: int = 0, device: str = "auto", keep
     """Seen Gaussian blur σ∈{1,2,3,3.8}; unseen 4.2-5.0 (the paper's Set5 columns)."""
     t0 = time.perf_counter()
     prof = select(PROFILES_DEBLUR, profile, overrides)
-    dset = distortions.distortion_set("blur-dil")
+    dset = distortions.distortion_set(SPLIT[DEBLUR_NAME])
     tests = {d.label: d for d in (distortions.GaussianBlur(3.8), *dset.unseen)}
     val_sel = {distortions.GaussianBlur(4.0).label: distortions.GaussianBlur(4.0)}
     val_curve = {distortions.GaussianBlur(5.0).label: distortions.GaussianBlur(5.0)}
@@ -912,7 +917,7 @@ def run_types(profile: str = "quick", seed: int = 0, device: str = "auto", keep_
     """Trained on noise + blur + JPEG; tested on unseen rain, haze and a hybrid blur+noise+JPEG pipeline."""
     t0 = time.perf_counter()
     prof = select(PROFILES_TYPES, profile, overrides)
-    dset = distortions.distortion_set("types-dil")
+    dset = distortions.distortion_set(SPLIT[TYPES_NAME])
     tests = {d.label: d for d in (*dset.seen, *dset.unseen)}
     # selection on the validation photos with a held-out *combination* of seen types (not a test distortion)
     sel = distortions.compose((distortions.GaussianBlur(1.0), distortions.JPEG(40)))
@@ -936,7 +941,7 @@ def run_backbones(profile: str = "quick", seed: int = 0, device: str = "auto", k
 
     t0 = time.perf_counter()
     prof = select(PROFILES_BACKBONES, profile, overrides)
-    dset = distortions.distortion_set("noise-dil")
+    dset = distortions.distortion_set(SPLIT[BACKBONES_NAME])
     tests = {d.label: d for d in (distortions.GaussianNoise(s) for s in (15.0, 30.0, 40.0, 50.0))}
     val_sel = {d.label: d for d in (distortions.GaussianNoise(25.0), distortions.GaussianNoise(35.0))}
     val_curve = {"σ=50": distortions.GaussianNoise(50.0)}
