@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -205,9 +205,68 @@ def mix_coefficients(weights: Sequence[float]) -> torch.Tensor:
     return w / w.sum()
 
 
+@dataclass(frozen=True)
+class ADMSShape:
+    """What it takes to rebuild an :class:`ADMS` before its weights are loaded (a shipped model's card): the UM's
+    registry name and config, the degradation labels, the conv weights that carry a mask, the classifier width,
+    ``mode`` and ``mixing``. The masks themselves, theta_d and the classifier are weights (buffers/parameters)."""
+
+    backbone: str
+    backbone_cfg: Dict[str, Any]
+    labels: Tuple[str, ...]
+    names: Tuple[str, ...]
+    clf_nf: int = 16
+    mode: str = "offset"
+    mixing: str = "soft"
+
+    def __post_init__(self) -> None:
+        o = "ADMSShape"
+        if not isinstance(self.backbone, str) or not isinstance(self.backbone_cfg, Mapping):
+            raise TypeError(f"{o}: expected a registry model name and its config dict, got {self.backbone!r}, "
+                            f"{self.backbone_cfg!r}")
+        if len(self.labels) < 2 or not all(isinstance(v, str) for v in self.labels):
+            raise ValueError(f"{o}.labels: expected at least 2 degradation names, got {self.labels!r}")
+        if not self.names or not all(isinstance(v, str) for v in self.names):
+            raise ValueError(f"{o}.names: expected the masked conv weight names, got {self.names!r}")
+        check_number(o, "clf_nf", self.clf_nf, lo=1, integer=True)
+        check_choice(o, "mode", self.mode, ("offset", "replace"))
+        check_choice(o, "mixing", self.mixing, ("soft", "hard"))
+
+
 class ADMS(nn.Module):
     """theta_ads(c) = theta_um + sum_d c_d theta_d ⊙ M_d per input (``mode='offset'``; or ``'replace'``), with
     c = softmax(DC(x)) (``mixing='soft'``) or its argmax one-hot (``'hard'``). theta_um is frozen."""
+
+    @classmethod
+    def from_config(cls, shape: ADMSShape) -> "ADMS":
+        """An ADMS of ``shape`` with placeholder weights and empty masks, ready for ``load_state_dict`` (the masks,
+        the UM copy, theta_d and the classifier are all in its state dict)."""
+        from . import models
+
+        if not isinstance(shape, ADMSShape):
+            raise TypeError(f"ADMS.from_config: expected an ADMSShape, got {type(shape).__name__}")
+        cfg = {k: v for k, v in shape.backbone_cfg.items() if k != "name"}
+        unified = models.build(shape.backbone, **cfg)
+        w = dict(unified.named_parameters())
+        unknown = [n for n in shape.names if n not in w]
+        if unknown:
+            raise KeyError(f"ADMSShape.names: {unknown[:5]} are not weights of {shape.backbone} {cfg}")
+        masks = {d: {n: torch.zeros(w[n].shape[:2], dtype=torch.bool) for n in shape.names} for d in shape.labels}
+        return cls(unified, masks, DegradationClassifier(len(shape.labels), shape.clf_nf), mode=shape.mode,
+                   mixing=shape.mixing)
+
+    @property
+    def cfg(self) -> ADMSShape:
+        """This model's :class:`ADMSShape` (needs a registry UM, i.e. one with ``.config``)."""
+        ucfg = dict(getattr(self.unified, "config", {}) or {})
+        if "name" not in ucfg:
+            raise TypeError("ADMS.cfg: the unified model is not a registry model (no .config); it cannot be shipped")
+        nf = self.classifier.features[0].out_channels if isinstance(self.classifier, DegradationClassifier) else None
+        if nf is None:
+            raise TypeError(f"ADMS.cfg: a {type(self.classifier).__name__} classifier cannot be described; expected "
+                            "a DegradationClassifier")
+        name = ucfg.pop("name")
+        return ADMSShape(name, ucfg, tuple(self.labels), tuple(self.names), nf, self.mode, self.mixing)
 
     def __init__(self, unified: nn.Module, masks: Mapping[str, Masks], classifier: Optional[nn.Module] = None, *,
                  init: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None, mode: str = "offset",

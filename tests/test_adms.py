@@ -253,3 +253,48 @@ def test_adms_experiment_runs_tiny_and_keeps_its_models(tmp_path):
     assert "models" not in json.loads((tmp_path / "adms-rbn-quick.json").read_text())
     beat = rec["claims"][0]
     assert beat["over"] == "images" and beat["n"] == 3 and beat["checks"]
+
+
+def test_adms_rebuilds_from_its_shape_and_weights():
+    """A shipped ADMS is rebuilt from its card (ADMSShape) and its state dict: same masks, same outputs for the
+    classifier's c and for a fixed one-hot."""
+    _, _, masks, adms = _setup()
+    with torch.no_grad():
+        for p in adms.deltas.values():
+            p.add_(0.01)                     # trained theta_d differ from the IM deltas it was built with
+    shape = adms.cfg
+    assert shape.labels == tuple(adms.labels) and shape.names == tuple(adms.names) and shape.clf_nf == 4
+    back = A.ADMS.from_config(shape)
+    back.load_state_dict(adms.state_dict())
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(back(x), adms(x))
+        assert torch.equal(back(x, torch.tensor([0.0, 1.0])), adms(x, torch.tensor([0.0, 1.0])))
+    for d in masks:
+        for n in adms.names:
+            assert torch.equal(back.kernel_masks()[d][n], adms.kernel_masks()[d][n])
+    with pytest.raises(ValueError, match="labels"):
+        A.ADMSShape("dncnn", {"nf": 8, "depth": 3}, ("rain",), shape.names)
+    with pytest.raises(KeyError, match="not weights"):
+        A.ADMS.from_config(A.ADMSShape("dncnn", {"nf": 8, "depth": 3}, ("a", "b"), ("nope.weight",)))
+
+
+def test_adms_ships_one_seed_of_the_first_task(tmp_path):
+    """A committed run ships the first task's UM, IMs and trained ADMS of its seed (not the untrained ADMS, not
+    other seeds); load_models gives them back and each reaches its card's check."""
+    from causalir import experiments
+    from causalir.experiments import shipping
+
+    rec = experiments.run("adms-rbn", "quick", 1, "cpu", out_dir=tmp_path, commit=True, ship=True, um_steps=2,
+                          im_steps=2, adms_steps=2, warmup_steps=2, faig_steps=2, eval_side=32, acc_patches=4,
+                          seeds=2)
+    tag = "rain-blur-noise seed 1"
+    want = {f"{tag} {m}" for m in ("UM", "ADMS", "IM rain", "IM blur", "IM noise")}
+    assert set(rec["models"]) - want == {f"{tag} ADMS untrained"} | {k for k in rec["models"] if "seed 2" in k}
+    assert set(rec["_not_shipped"]) == set(rec["models"]) - want
+    spec = shipping.read_manifest("adms-rbn", "quick", 1, folder=tmp_path / "models")
+    assert set(spec["models"]) == want and spec["models"][f"{tag} ADMS"]["kind"] == "adms"
+    assert all("metrics" in c for c in spec["models"].values())
+    back = experiments.get("adms-rbn").load_models(spec, tmp_path / "models" / "adms-rbn" / "quick" / "seed-1", "cpu")
+    assert isinstance(back[f"{tag} ADMS"], A.ADMS)
+    assert max(shipping.verify(back, spec).values()) <= shipping.CHECK_TOL_DB

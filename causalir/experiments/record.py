@@ -33,6 +33,9 @@ class Experiment:
     #: ``card_tasks(record) -> {label: distortion}``: the shipped restorers whose model cards carry metrics (the
     #: PSNR they reach under that distortion, and the check a test recomputes); None: no card metrics
     card_tasks: Optional[Callable[[Mapping[str, Any]], Dict[str, Any]]] = None
+    #: ``ship_select(record, models) -> models``: which of a run's kept models a committed run ships (e.g. one seed
+    #: of a multi-seed run, to keep ``data/models`` small); None: all of them
+    ship_select: Optional[Callable[[Mapping[str, Any], Mapping[str, Any]], Dict[str, Any]]] = None
 
     def __post_init__(self) -> None:
         if set(self.profiles) != {"quick", "medium", "full"}:

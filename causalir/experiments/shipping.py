@@ -52,12 +52,13 @@ NOT_SHIPPED: Dict[str, str] = {
 def _shippable() -> Dict[str, Any]:
     """The networks outside the registry that a run can ship, by name: (class, its config dataclass). An explicit
     table, no import magic."""
+    from ..adms import ADMS, ADMSShape
     from ..pathrestore import MultiPathConfig, PathRestore
     from ..rl import AgentConfig, ToolAgent
     from ..toolchain import Toolbox, ToolboxConfig
 
     return {"toolbox": (Toolbox, ToolboxConfig), "tool_agent": (ToolAgent, AgentConfig),
-            "path_restore": (PathRestore, MultiPathConfig)}
+            "path_restore": (PathRestore, MultiPathConfig), "adms": (ADMS, ADMSShape)}
 
 
 def _architecture(label: str, obj: Any) -> Dict[str, Any]:
@@ -106,7 +107,7 @@ def rebuild(card: Mapping[str, Any], folder: Path, device: str = "cpu") -> Any:
         cls, cfg_cls = _shippable()[kind]
         fields = {f.name: f.type for f in dataclasses.fields(cfg_cls)}
         cfg = {k: tuple(v) if isinstance(v, list) else v for k, v in card["cfg"].items() if k in fields}
-        net = cls(cfg_cls(**cfg))
+        net = getattr(cls, "from_config", cls)(cfg_cls(**cfg))
     else:
         raise ValueError(f"model card {card.get('file')!r}: unknown kind {kind!r}; valid: registry, masks, "
                          f"{', '.join(_shippable())}")
