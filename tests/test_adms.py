@@ -244,8 +244,11 @@ def test_adms_experiment_runs_tiny_and_keeps_its_models(tmp_path):
     from causalir import experiments
 
     rec = experiments.run("adms-rbn", "quick", 0, "cpu", out_dir=tmp_path, keep_models=True, um_steps=2, im_steps=2,
-                          adms_steps=2, warmup_steps=2, faig_steps=2, eval_side=32, acc_patches=4)
+                          adms_steps=2, warmup_steps=2, faig_steps=2, eval_side=32, acc_patches=4, val_every=2)
     t = rec["tables"]["tasks"]["rain-blur-noise"]
+    curves = t["per_seed"][0]["curves"]      # validation curves of every trained model, the ADMS phase included
+    assert set(curves) == {"UM", "IM rain", "IM blur", "IM noise", "ADMS"}
+    assert [c["step"] for c in curves["ADMS"]] == [2, 4] and set(curves["ADMS"][0]["val_psnr"]) == set(t["labels"])
     assert {r["method"] for r in t["seen_rows"]} >= {"input", "IM", "UM", "ADMS"}
     assert set(rec["models"]) == {f"rain-blur-noise seed 0 {m}" for m in
                                   ("UM", "ADMS", "ADMS untrained", "IM rain", "IM blur", "IM noise")}

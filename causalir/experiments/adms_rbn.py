@@ -265,8 +265,8 @@ def adms_pipeline(seen: Mapping[str, Distortion], cfg: ADMSConfig, seed: int, de
     untrained = copy.deepcopy(adms)
     torch.manual_seed(seed + 200)
     strat = ADMSStrategy(ce_weight=cfg.ce_weight, warmup_steps=cfg.warmup_steps)
-    adms, _ = _fit(adms, strat, [seen[d] for d in labels], cfg.warmup_steps + cfg.adms_steps, cfg.adms_lr, cfg,
-                   seed + 300, device, run_dir=rd("ADMS"))
+    adms, curves["ADMS"] = _fit(adms, strat, [seen[d] for d in labels], cfg.warmup_steps + cfg.adms_steps,
+                                cfg.adms_lr, cfg, seed + 300, device, val=seen, run_dir=rd("ADMS"))
     return {"um": um, "ims": ims, "masks": masks, "scores": scores, "adms": adms.eval(), "untrained": untrained.eval(),
             "gate": gate, "curves": curves}
 
