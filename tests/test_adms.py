@@ -235,7 +235,7 @@ def test_adms_claims_rejudge_the_committed_record():
     rec = experiments.load_results("adms-rbn", "medium")
     if rec is None:
         pytest.skip("no committed adms-rbn medium record")
-    assert len(rec["claims"]) == 9 and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
+    assert len(rec["claims"]) == 11 and all(c["verdict"] in C.VERDICTS for c in rec["claims"])
 
 
 def test_adms_experiment_runs_tiny_and_keeps_its_models(tmp_path):
@@ -249,6 +249,12 @@ def test_adms_experiment_runs_tiny_and_keeps_its_models(tmp_path):
     curves = t["per_seed"][0]["curves"]      # validation curves of every trained model, the ADMS phase included
     assert set(curves) == {"UM", "IM rain", "IM blur", "IM noise", "ADMS"}
     assert [c["step"] for c in curves["ADMS"]] == [2, 4] and set(curves["ADMS"][0]["val_psnr"]) == set(t["labels"])
+    kept = t["per_seed"][0]["kept_gain"]      # per degradation, fraction and selection (FAIG | random)
+    assert len(kept) == 3 * 5 * 2 and {r["selection"] for r in kept} == {"faig", "random"}
+    for d in t["labels"]:                     # every kernel selected: FAIG and random give the same model
+        full = {r["selection"]: r["psnr"] for r in kept if r["degradation"] == d and r["fraction"] == 1.0}
+        assert full["faig"] == full["random"]
+    assert any("FAIG kernels carry" in c["claim"] for c in rec["claims"])
     assert {r["method"] for r in t["seen_rows"]} >= {"input", "IM", "UM", "ADMS"}
     assert set(rec["models"]) == {f"rain-blur-noise seed 0 {m}" for m in
                                   ("UM", "ADMS", "ADMS untrained", "IM rain", "IM blur", "IM noise")}

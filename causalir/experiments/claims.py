@@ -34,7 +34,7 @@ DIRECTION_ONLY = "direction only"
 NOT_REPRODUCED = "not reproduced"
 INCONCLUSIVE = "inconclusive"
 VERDICTS = (REPRODUCED, DIRECTION_ONLY, NOT_REPRODUCED, INCONCLUSIVE)
-UNITS = ("seeds", "images", "patches", "regions", "tiles", "levels", "samples")
+UNITS = ("seeds", "images", "patches", "regions", "tiles", "levels", "samples", "degradations")
 
 
 # ------------------------------------------------------------------------------------------- tolerance
