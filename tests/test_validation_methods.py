@@ -152,7 +152,8 @@ SPECS = [
         "patch_size": INT(8), **{k: POS() for k in ("lr", "im_lr", "adms_lr")}, "fraction": SHARE(),
         "ce_weight": NONNEG(), "mode": CHOICE(), "mixing": CHOICE(), "gate_margin": NONNEG(),
         "gate_action": CHOICE(), "init": CHOICE(), "val_every": INT(0), "ckpt_every": INT(0),
-        "test_patch": INT(0) + [4], "loss": CHOICE()}),             # test_patch 1..15: too small a patch
+        "test_patch": INT(0) + [4], "loss": CHOICE(),               # test_patch 1..15: too small a patch
+        "curve_fractions": [(0.0,), (1.5,), (NAN,), "0.1", None]}),
     ("DNIConfig", dni_denoise.DNIConfig(), {
         "model": CHOICE(), "model_cfg": MAPPING(), "parent_sigma": POS() + [300.0],
         "child_sigma": POS() + [10.0, 300.0],                       # 10 < parent_sigma (15)
