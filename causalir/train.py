@@ -462,9 +462,14 @@ class TrainResult:
     run_dir: Optional[Path]
 
 
+#: :func:`validate`'s default seed: label j of the distortion dict and image i use generator seed VAL_SEED + 1000 j + i
+VAL_SEED = 1234
+
+
 def validate(model: nn.Module, val_images: Sequence[torch.Tensor], val_distortions: Mapping[str, Distortion],
-             seed: int = 1234, device: Optional[torch.device] = None) -> Dict[str, float]:
-    """Mean PSNR per distortion label on fixed, seeded distorted copies of the validation images."""
+             seed: int = VAL_SEED, device: Optional[torch.device] = None) -> Dict[str, float]:
+    """Mean PSNR per distortion label on fixed, seeded distorted copies of the validation images (label j, image i:
+    generator seed ``seed + 1000 j + i``)."""
     _check_validation_inputs(model, val_images, val_distortions)
     check_number("validate", "seed", seed, lo=0, integer=True)
     device = device or next(model.parameters()).device

@@ -307,3 +307,17 @@ def test_adms_ships_one_seed_of_the_first_task(tmp_path):
     back = experiments.get("adms-rbn").load_models(spec, tmp_path / "models" / "adms-rbn" / "quick" / "seed-1", "cpu")
     assert isinstance(back[f"{tag} ADMS"], A.ADMS)
     assert max(shipping.verify(back, spec).values()) <= shipping.CHECK_TOL_DB
+
+
+def test_one_degradation_is_validated_on_the_gates_copies():
+    """An IM's (or a masked UM's) PSNR under one degradation is measured on the same distorted copies as the input's
+    and the UM's in the gate (train.validate seeds each label by its place in the dict)."""
+    from causalir.experiments import adms_rbn
+    from causalir.train import validate
+
+    torch.manual_seed(0)
+    net = models.build("dncnn", nf=4, depth=2)
+    seen = A.degradation_set("rain-blur-noise")["seen"]
+    full = validate(net, adms_rbn.val_images(), seen)
+    for d in seen:
+        assert adms_rbn._val_one(net, d, seen, torch.device("cpu")) == full[d]

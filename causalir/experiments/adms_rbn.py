@@ -211,6 +211,15 @@ class _Input(nn.Module):
         return x
 
 
+def _val_one(model: nn.Module, d: str, seen: Mapping[str, Distortion], device) -> float:
+    """``model``'s validation PSNR under degradation ``d`` alone, on the same seeded distorted copies that
+    ``train.validate(model, val_images(), seen)`` uses for ``d`` (its seeds depend on ``d``'s place in ``seen``), so
+    that a number for one degradation compares with the input's and the UM's."""
+    from ..train import VAL_SEED, validate
+
+    return validate(model, val_images(), {d: seen[d]}, seed=VAL_SEED + 1000 * list(seen).index(d), device=device)[d]
+
+
 def gate_entries(um: nn.Module, ims: Mapping[str, nn.Module], seen: Mapping[str, Distortion], cfg: ADMSConfig,
                  device: str = "auto") -> List[GateEntry]:
     """The gate's measurements on validation (the fixed, seeded copies of ``train.validate``): UM on every seen
@@ -224,7 +233,7 @@ def gate_entries(um: nn.Module, ims: Mapping[str, nn.Module], seen: Mapping[str,
     um_v = validate(um, imgs, seen, device=dev)
     out = [GateEntry("UM", d, um_v[d], inp[d], cfg.gate_margin) for d in seen]
     for d, m in ims.items():
-        out.append(GateEntry(f"IM {d}", d, validate(m, imgs, {d: seen[d]}, device=dev)[d], inp[d], cfg.gate_margin))
+        out.append(GateEntry(f"IM {d}", d, _val_one(m, d, seen, dev), inp[d], cfg.gate_margin))
     return out
 
 
@@ -237,20 +246,17 @@ def kept_gain_curve(um: nn.Module, ims: Mapping[str, nn.Module], scores: Mapping
     IM-UM gap those kernels carry (conv kernels only: at f = 1 the biases stay the UM's). Rows: degradation,
     fraction, selection (faig | random), psnr, kept."""
     from ..attribution import mask_kernels, random_scores, select_top
-    from ..train import validate
     from ..utils import make_generator, resolve_device
 
     dev = resolve_device(device)
-    imgs = val_images()
     rows: List[Dict[str, Any]] = []
     for j, (d, im) in enumerate(ims.items()):
-        one = {d: seen[d]}
-        p_um, p_im = validate(um, imgs, one, device=dev)[d], validate(im, imgs, one, device=dev)[d]
+        p_um, p_im = _val_one(um, d, seen, dev), _val_one(im, d, seen, dev)
         gap = p_im - p_um
         rand = random_scores(um, make_generator(seed + 500 + j))
         for f in fractions:
             for sel, sc in (("faig", scores[d]), ("random", rand)):
-                p = validate(mask_kernels(um, im, select_top(sc, f)), imgs, one, device=dev)[d]
+                p = _val_one(mask_kernels(um, im, select_top(sc, f)), d, seen, dev)
                 rows.append({"degradation": d, "fraction": float(f), "selection": sel, "psnr": round(p, 4),
                              "um": round(p_um, 4), "im": round(p_im, 4),
                              "kept": round((p - p_um) / gap, 4) if abs(gap) > 1e-6 else None})
