@@ -261,12 +261,12 @@ class ADMS(nn.Module):
         ucfg = dict(getattr(self.unified, "config", {}) or {})
         if "name" not in ucfg:
             raise TypeError("ADMS.cfg: the unified model is not a registry model (no .config); it cannot be shipped")
-        nf = self.classifier.features[0].out_channels if isinstance(self.classifier, DegradationClassifier) else None
-        if nf is None:
+        if not isinstance(self.classifier, DegradationClassifier):
             raise TypeError(f"ADMS.cfg: a {type(self.classifier).__name__} classifier cannot be described; expected "
                             "a DegradationClassifier")
         name = ucfg.pop("name")
-        return ADMSShape(name, ucfg, tuple(self.labels), tuple(self.names), nf, self.mode, self.mixing)
+        return ADMSShape(name, ucfg, tuple(self.labels), tuple(self.names), self.classifier.features[0].out_channels,
+                         self.mode, self.mixing)
 
     def __init__(self, unified: nn.Module, masks: Mapping[str, Masks], classifier: Optional[nn.Module] = None, *,
                  init: Optional[Mapping[str, Mapping[str, torch.Tensor]]] = None, mode: str = "offset",

@@ -320,4 +320,4 @@ def test_one_degradation_is_validated_on_the_gates_copies():
     seen = A.degradation_set("rain-blur-noise")["seen"]
     full = validate(net, adms_rbn.val_images(), seen)
     for d in seen:
-        assert adms_rbn._val_one(net, d, seen, torch.device("cpu")) == full[d]
+        assert adms_rbn._val_one(net, d, seen, adms_rbn.val_images(), torch.device("cpu")) == full[d]

@@ -89,15 +89,10 @@ def run(name: str, profile: str = "quick", seed: int = 0, device: str = "auto", 
         command = (f"causalir reproduce {name} --profile {profile} --seed {seed} --device {device} --commit --ship"
                    + (f" --set {sets}" if sets else ""))
         kept = rec.get("models") or {}
-        if exp.ship_select is not None:
-            chosen = exp.ship_select(rec, kept)
-            skipped_by_choice = {k: "not shipped: the experiment ships a subset (Experiment.ship_select)"
-                                 for k in kept if k not in chosen}
-            kept = chosen
-        else:
-            skipped_by_choice = {}
-        ok, skipped = shipping.shippable(kept)
-        skipped.update(skipped_by_choice)
+        chosen = exp.ship_select(rec, kept) if exp.ship_select is not None else kept
+        ok, skipped = shipping.shippable(chosen)
+        skipped.update({k: "not shipped: the experiment ships a subset (Experiment.ship_select)"
+                        for k in kept if k not in chosen})
         if ok:
             tasks = exp.card_tasks(rec) if exp.card_tasks is not None else None
             shipping.save(name, profile, seed, ok, record=rec, command=command, overwrite=overwrite, tasks=tasks,

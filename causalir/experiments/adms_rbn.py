@@ -213,13 +213,13 @@ class _Input(nn.Module):
         return x
 
 
-def _val_one(model: nn.Module, d: str, seen: Mapping[str, Distortion], device) -> float:
-    """``model``'s validation PSNR under degradation ``d`` alone, on the same seeded distorted copies that
-    ``train.validate(model, val_images(), seen)`` uses for ``d`` (its seeds depend on ``d``'s place in ``seen``), so
-    that a number for one degradation compares with the input's and the UM's."""
+def _val_one(model: nn.Module, d: str, seen: Mapping[str, Distortion], imgs: Sequence[torch.Tensor], device) -> float:
+    """``model``'s PSNR on the validation photos ``imgs`` under degradation ``d`` alone, on the same seeded distorted
+    copies that ``train.validate(model, imgs, seen)`` uses for ``d`` (its seeds depend on ``d``'s place in ``seen``),
+    so that a number for one degradation compares with the input's and the UM's."""
     from ..train import VAL_SEED, validate
 
-    return validate(model, val_images(), {d: seen[d]}, seed=VAL_SEED + 1000 * list(seen).index(d), device=device)[d]
+    return validate(model, imgs, {d: seen[d]}, seed=VAL_SEED + 1000 * list(seen).index(d), device=device)[d]
 
 
 def gate_entries(um: nn.Module, ims: Mapping[str, nn.Module], seen: Mapping[str, Distortion], cfg: ADMSConfig,
@@ -235,7 +235,7 @@ def gate_entries(um: nn.Module, ims: Mapping[str, nn.Module], seen: Mapping[str,
     um_v = validate(um, imgs, seen, device=dev)
     out = [GateEntry("UM", d, um_v[d], inp[d], cfg.gate_margin) for d in seen]
     for d, m in ims.items():
-        out.append(GateEntry(f"IM {d}", d, _val_one(m, d, seen, dev), inp[d], cfg.gate_margin))
+        out.append(GateEntry(f"IM {d}", d, _val_one(m, d, seen, imgs, dev), inp[d], cfg.gate_margin))
     return out
 
 
@@ -251,14 +251,15 @@ def kept_gain_curve(um: nn.Module, ims: Mapping[str, nn.Module], scores: Mapping
     from ..utils import make_generator, resolve_device
 
     dev = resolve_device(device)
+    imgs = val_images()
     rows: List[Dict[str, Any]] = []
     for j, (d, im) in enumerate(ims.items()):
-        p_um, p_im = _val_one(um, d, seen, dev), _val_one(im, d, seen, dev)
+        p_um, p_im = _val_one(um, d, seen, imgs, dev), _val_one(im, d, seen, imgs, dev)
         gap = p_im - p_um
         rand = random_scores(um, make_generator(seed + 500 + j))
         for f in fractions:
             for sel, sc in (("faig", scores[d]), ("random", rand)):
-                p = _val_one(mask_kernels(um, im, select_top(sc, f)), d, seen, dev)
+                p = _val_one(mask_kernels(um, im, select_top(sc, f)), d, seen, imgs, dev)
                 rows.append({"degradation": d, "fraction": float(f), "selection": sel, "psnr": round(p, 4),
                              "um": round(p_um, 4), "im": round(p_im, 4),
                              "kept": round((p - p_um) / gap, 4) if abs(gap) > 1e-6 else None})
@@ -648,8 +649,8 @@ def ship_select(record: Mapping[str, Any], kept: Mapping[str, Any]) -> Dict[str,
 
 
 def card_tasks(record: Mapping[str, Any]) -> Dict[str, Any]:
-    """Card metrics for the shipped restorers: each IM under its own degradation, the UM and ADMS under every seen
-    degradation's first one (rain; an ADMS picks its coefficients itself)."""
+    """Card metrics for the shipped restorers: each IM under its own degradation, the UM and ADMS under the first
+    seen degradation (rain; an ADMS picks its coefficients itself)."""
     cfg = record["config"]
     task = cfg["tasks"][0]
     seen = degradation_set(task)["seen"]
