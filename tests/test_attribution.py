@@ -1,5 +1,7 @@
 """Properties of causalir.attribution: IG/FAIG completeness, captum FAIG == the reference loop, selection,
 masking/modulation exactness, the comparison scores, the overlap score and the output-change metric."""
+import types
+
 import pytest
 import torch
 
@@ -256,7 +258,7 @@ def test_retraining_touches_only_selected_kernels():
     torch.manual_seed(0)
     base = models.build("srresnet", preset="tiny").eval()
     masks = A.select_top(A.random_scores(base, torch.Generator().manual_seed(0)), 0.05)
-    new = fe.retrain_selected(base, masks, cfg, seed=0)
+    new = fe.retrain_selected(base, masks, cfg, seed=0, degradation="blur")
     pb, pn = dict(base.named_parameters()), dict(new.named_parameters())
     changed = 0
     for n in pb:
@@ -267,6 +269,37 @@ def test_retraining_touches_only_selected_kernels():
         else:
             assert torch.equal(pn[n], pb[n])
     assert changed > 0
+
+
+@pytest.mark.parametrize("data,degradation,expected", [("own", "blur", (1.0, 0.0)), ("own", "noise", (0.0, 1.0)),
+                                                       ("mixed", "blur", (0.5, 0.5)), ("mixed", None, (0.5, 0.5))])
+def test_retraining_data_is_the_filters_own_degradation_or_the_targets_mix(monkeypatch, data, degradation, expected):
+    """retrain_data='own': D-filters see D inputs only (p=1 for D, 0 for the other); 'mixed': the target's data.
+    masks=None (the upper bound) trains every parameter: no masks reach the strategy."""
+    from causalir.experiments import faig_srresnet as fe
+
+    seen = []
+
+    def fake_fit(model, strategy, steps, lr, cfg, seed, device, val=None):
+        seen.append(strategy)
+        return types.SimpleNamespace(model=model)
+
+    monkeypatch.setattr(fe, "_fit", fake_fit)
+    cfg = fe.FAIGConfig(retrain_steps=1, retrain_data=data)
+    base = models.build("srresnet", preset="tiny")
+    masks = A.select_top(A.random_scores(base, torch.Generator().manual_seed(0)), 0.05)
+    fe.retrain_selected(base, masks, cfg, seed=0, degradation=degradation)
+    fe.retrain_selected(base, None, cfg, seed=0, degradation=degradation)
+    assert [(s.p_blur, s.p_noise) for s in seen] == [expected, expected]
+    assert seen[0].masks is not None and seen[1].masks is None
+
+
+def test_retraining_on_the_own_degradation_needs_to_know_it():
+    from causalir.experiments import faig_srresnet as fe
+
+    base = models.build("srresnet", preset="tiny")
+    with pytest.raises(ValueError, match=r"retrain_selected\.degradation.*'haze'"):
+        fe.retrain_selected(base, None, fe.FAIGConfig(retrain_steps=1), seed=0, degradation="haze")
 
 
 def test_sr_strategy_is_registered_and_goes_through_the_shared_update():
@@ -332,7 +365,7 @@ def test_faig_experiment_runs_tiny_with_per_crop_tables(tmp_path, monkeypatch):
     assert set(rec["models"]) == {"baseline seed 0", "target seed 0"}
     assert {r["model"] for r in t["psnr_per_crop"]} == {"input (bicubic ×2)", "baseline", "target"}
     assert len(t["masking_per_crop"]) == 3 * len(t["masking_per_seed"])          # 3 test crops
-    assert len(t["retrain_per_crop"]) == 3 * len(t["retrain_per_seed"]) == 3 * 8
+    assert len(t["retrain_per_crop"]) == 3 * len(t["retrain_per_seed"]) == 3 * 10   # 4 methods + upper, x 2
     assert len(t["os_per_input"]) == 6 and "psnr_per_crop" not in rec["runs"][0]   # runs keep their old shape
     # per-crop values average to the table's
     row = t["masking_per_seed"][0]

@@ -170,7 +170,8 @@ SPECS = [
         "internal_batch_size": OPT_INT(1), **{k: POS() for k in ("lr", "target_lr", "retrain_lr")},
         "patch_size": INT(8) + [49], "crop": INT(2) + [65],         # odd sizes cannot be halved (x2 SR)
         "fractions": [(), (0.0,), (1.5,), (NAN,), "0.1", None], "lambdas": [(), (NAN,), (INF,), "1", None],
-        "os_fraction": SHARE(), "gate_margin": NONNEG(), "gate_action": CHOICE(), "val_every": INT(0)}),
+        "os_fraction": SHARE(), "gate_margin": NONNEG(), "gate_action": CHOICE(), "val_every": INT(0),
+        "retrain_data": CHOICE()}),
     ("LinearGaussianVariable('X')", ca.LinearGaussianVariable("X", ("C",), (1.0,)), {
         "coefs": [(NAN,), (INF,), ("a",), "1"], "intercept": FINITE(), "sd": NONNEG()}),
     ("variable 'X'", ca.DiscreteVariable("X", (0, 1), [0.5, 0.5]), {
