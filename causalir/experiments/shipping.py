@@ -45,7 +45,6 @@ NOT_SHIPPED: Dict[str, str] = {
     "dil-deblur-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
     "dil-types-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
     "dil-backbones-medium": "issue 13 re-runs the DIL studies (its models are below their input)",
-    "adms-rbn-medium": "issue 14 re-runs it on models that pass the restorer gate",
 }
 
 
